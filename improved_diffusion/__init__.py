@@ -1,0 +1,1 @@
+"""Improved denoising diffusion probabilistic models as priors for MRI reconstruction."""

@@ -1,0 +1,1 @@
+"""MRI physics: centered FFTs, undersampling masks, SENSE operators, coil maps and metrics."""

@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="improved-diffusion-mri",
+    version="0.1.0",
+    description="Improved DDPM (Nichol & Dhariwal 2021) as a prior for undersampled MRI reconstruction",
+    packages=find_packages(include=["improved_diffusion", "improved_diffusion.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1",
+        "numpy",
+        "h5py",
+        "mpi4py",
+        "blobfile",
+        "sigpy",
+        "tqdm",
+    ],
+    extras_require={
+        # CPU / laptop set-up: an MPI runtime from PyPI (clusters bring their own), test tools,
+        # nilearn for the MNI152 template the demo set is built from, matplotlib/pillow for
+        # PNG previews, figures and the report.
+        "dev": ["mpich", "pytest", "ruff", "nilearn", "matplotlib", "pillow"],
+    },
+)
