@@ -13,12 +13,14 @@ setup(
         "mpi4py",
         "blobfile",
         "sigpy",
+        "scipy",  # SSIM filters; already required by sigpy, listed because we import it
         "tqdm",
     ],
     extras_require={
         # CPU / laptop set-up: an MPI runtime from PyPI (clusters bring their own), test tools,
         # nilearn for the MNI152 template the demo set is built from, matplotlib/pillow for
-        # PNG previews, figures and the report.
-        "dev": ["mpich", "pytest", "ruff", "nilearn", "matplotlib", "pillow"],
+        # PNG previews and figures, fpdf2 to typeset paper.pdf without a
+        # LaTeX install (it lays out text, tables and images in a few lines of Python).
+        "dev": ["mpich", "pytest", "ruff", "nilearn", "matplotlib", "pillow", "fpdf2"],
     },
 )
