@@ -1,0 +1,312 @@
+"""Build models and diffusions from one flat dict of options; the same names serve as CLI flags and config.
+
+The defaults are upstream improved-diffusion's with the MRI changes listed in docs/engine.md
+(image_size=128, learn_sigma=True, noise_schedule="cosine", in_channels=2, channel_mult auto).
+"""
+
+import argparse
+import json
+import os
+import tempfile
+from typing import Any, Dict, Iterable, Tuple
+
+from . import gaussian_diffusion as gd
+from .respace import SpacedDiffusion, space_timesteps
+from .unet import UNetModel
+
+NUM_CLASSES = 1000
+CONFIG_NAME = "config.json"
+
+
+def model_and_diffusion_defaults() -> Dict[str, Any]:
+    """Defaults for every model and diffusion option (the keys of :func:`create_model_and_diffusion`)."""
+    return dict(
+        image_size=128,
+        num_channels=128,
+        num_res_blocks=2,
+        num_heads=4,
+        num_heads_upsample=-1,
+        attention_resolutions="16,8",
+        dropout=0.0,
+        learn_sigma=True,
+        sigma_small=False,
+        class_cond=False,
+        diffusion_steps=1000,
+        noise_schedule="cosine",
+        timestep_respacing="",
+        use_kl=False,
+        predict_xstart=False,
+        rescale_timesteps=True,
+        rescale_learned_sigmas=True,
+        use_checkpoint=False,
+        use_scale_shift_norm=True,
+        in_channels=2,
+        channel_mult="",
+    )
+
+
+def create_model_and_diffusion(**kwargs: Any) -> Tuple[UNetModel, SpacedDiffusion]:
+    """Build the UNet and the (respaced) diffusion from exactly the keys of model_and_diffusion_defaults().
+
+    Raises:
+        ValueError: if a key is missing or unknown (so a config from another version cannot silently
+            fall back to a default).
+    """
+    expected = set(model_and_diffusion_defaults())
+    missing, unknown = sorted(expected - set(kwargs)), sorted(set(kwargs) - expected)
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unknown:
+            parts.append(f"unknown keys {unknown}")
+        raise ValueError(
+            "create_model_and_diffusion: "
+            + "; ".join(parts)
+            + " (start from model_and_diffusion_defaults(), "
+            "e.g. args_to_dict(args, model_and_diffusion_defaults().keys()))"
+        )
+    model = create_model(
+        kwargs["image_size"],
+        kwargs["num_channels"],
+        kwargs["num_res_blocks"],
+        learn_sigma=kwargs["learn_sigma"],
+        class_cond=kwargs["class_cond"],
+        use_checkpoint=kwargs["use_checkpoint"],
+        attention_resolutions=kwargs["attention_resolutions"],
+        num_heads=kwargs["num_heads"],
+        num_heads_upsample=kwargs["num_heads_upsample"],
+        use_scale_shift_norm=kwargs["use_scale_shift_norm"],
+        dropout=kwargs["dropout"],
+        in_channels=kwargs["in_channels"],
+        channel_mult=kwargs["channel_mult"],
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=kwargs["diffusion_steps"],
+        learn_sigma=kwargs["learn_sigma"],
+        sigma_small=kwargs["sigma_small"],
+        noise_schedule=kwargs["noise_schedule"],
+        use_kl=kwargs["use_kl"],
+        predict_xstart=kwargs["predict_xstart"],
+        rescale_timesteps=kwargs["rescale_timesteps"],
+        rescale_learned_sigmas=kwargs["rescale_learned_sigmas"],
+        timestep_respacing=kwargs["timestep_respacing"],
+    )
+    return model, diffusion
+
+
+def default_channel_mult(image_size: int) -> Tuple[int, ...]:
+    """The per-level channel multipliers for a nominal ``image_size`` (upstream's choices, by size band)."""
+    if image_size >= 256:
+        return (1, 1, 2, 2, 4, 4)
+    if image_size >= 128:
+        return (1, 1, 2, 3, 4)
+    if image_size >= 64:
+        return (1, 2, 3, 4)
+    return (1, 2, 2, 2)
+
+
+def _parse_int_list(value: Any, name: str) -> Tuple[int, ...]:
+    """'1,2,2' / [1, 2, 2] / (1, 2, 2) -> (1, 2, 2); a clear error otherwise."""
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, Iterable):
+        items = list(value)
+    else:
+        items = [value]
+    try:
+        out = tuple(int(v) for v in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected comma-separated integers like '1,2,2', got {value!r}") from None
+    if any(v < 1 for v in out):
+        raise ValueError(f"{name}: values must be positive integers, got {value!r}")
+    return out
+
+
+def create_model(
+    image_size: int,
+    num_channels: int,
+    num_res_blocks: int,
+    learn_sigma: bool,
+    class_cond: bool,
+    use_checkpoint: bool,
+    attention_resolutions: str,
+    num_heads: int,
+    num_heads_upsample: int,
+    use_scale_shift_norm: bool,
+    dropout: float,
+    in_channels: int = 2,
+    channel_mult: Any = "",
+) -> UNetModel:
+    """Build the UNet.
+
+    ``attention_resolutions`` lists feature-map sizes relative to the nominal ``image_size`` (e.g. "16,8"
+    with image_size=128 means attention at downsampling factors 8 and 16); the UNet itself accepts any H x W.
+    ``channel_mult`` "" picks :func:`default_channel_mult` (image_size); "1,2,2" overrides it.
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be positive, got {in_channels}")
+    if channel_mult in ("", None):
+        mult = default_channel_mult(image_size)
+    else:
+        mult = _parse_int_list(channel_mult, "channel_mult")
+        if not mult:
+            raise ValueError(f"channel_mult: need at least one level, got {channel_mult!r}")
+
+    max_ds = 2 ** (len(mult) - 1)
+    attention_ds = []
+    for res in _parse_int_list(attention_resolutions, "attention_resolutions"):
+        ds, rem = divmod(image_size, res)
+        # An unreachable resolution would silently disable attention: refuse it.
+        if rem or ds & (ds - 1) or ds > max_ds:
+            sizes = [image_size // 2**i for i in range(len(mult))]
+            raise ValueError(
+                f"attention_resolutions: {res} is not a feature-map size of this model "
+                f"(image_size {image_size} with {len(mult)} levels has sizes {sizes})"
+            )
+        attention_ds.append(ds)
+
+    return UNetModel(
+        in_channels=in_channels,
+        model_channels=num_channels,
+        out_channels=in_channels * 2 if learn_sigma else in_channels,
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=tuple(attention_ds),
+        dropout=dropout,
+        channel_mult=mult,
+        num_classes=NUM_CLASSES if class_cond else None,
+        use_checkpoint=use_checkpoint,
+        num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+    )
+
+
+def create_gaussian_diffusion(
+    *,
+    steps: int = 1000,
+    learn_sigma: bool = False,
+    sigma_small: bool = False,
+    noise_schedule: str = "linear",
+    use_kl: bool = False,
+    predict_xstart: bool = False,
+    rescale_timesteps: bool = False,
+    rescale_learned_sigmas: bool = False,
+    timestep_respacing: str = "",
+) -> SpacedDiffusion:
+    """Build the diffusion (always a :class:`SpacedDiffusion`; "" respacing keeps all ``steps``)."""
+    betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    if use_kl:
+        loss_type = gd.LossType.RESCALED_KL
+    elif rescale_learned_sigmas:
+        loss_type = gd.LossType.RESCALED_MSE
+    else:
+        loss_type = gd.LossType.MSE
+    if not timestep_respacing:
+        timestep_respacing = [steps]
+    if learn_sigma:
+        var_type = gd.ModelVarType.LEARNED_RANGE
+    else:
+        var_type = gd.ModelVarType.FIXED_SMALL if sigma_small else gd.ModelVarType.FIXED_LARGE
+    return SpacedDiffusion(
+        use_timesteps=space_timesteps(steps, timestep_respacing),
+        betas=betas,
+        model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
+        model_var_type=var_type,
+        loss_type=loss_type,
+        rescale_timesteps=rescale_timesteps,
+    )
+
+
+def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict[str, Any]) -> None:
+    """Add one ``--key`` flag per entry, typed after its default (bools parsed with :func:`str2bool`)."""
+    for k, v in default_dict.items():
+        if v is None:
+            v_type = str
+        elif isinstance(v, bool):
+            v_type = str2bool
+        else:
+            v_type = type(v)
+        parser.add_argument(f"--{k}", default=v, type=v_type)
+
+
+def args_to_dict(args: Any, keys: Iterable[str]) -> Dict[str, Any]:
+    """Pick ``keys`` from an argparse Namespace (or a dict)."""
+    if isinstance(args, dict):
+        missing = [k for k in keys if k not in args]
+        if missing:
+            raise ValueError(f"args_to_dict: missing keys {missing}")
+        return {k: args[k] for k in keys}
+    return {k: getattr(args, k) for k in keys}
+
+
+def str2bool(v: Any) -> bool:
+    """Parse yes/no, true/false, t/f, y/n, 1/0 (any case) as a bool."""
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("yes", "true", "t", "y", "1"):
+        return True
+    if s in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected (true/false, yes/no, 1/0), got {v!r}")
+
+
+def save_config(config: Dict[str, Any], log_dir: str) -> str:
+    """Write ``config`` as ``<log_dir>/config.json`` atomically (temp file in log_dir + os.replace).
+
+    Returns:
+        The path written.
+    """
+    os.makedirs(log_dir, exist_ok=True)
+    path = os.path.join(log_dir, CONFIG_NAME)
+    try:
+        text = json.dumps(config, indent=2, sort_keys=True)
+    except TypeError as err:
+        raise ValueError(f"save_config: config is not JSON-serializable: {err}") from None
+    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".tmp", dir=log_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a config is meant to be read by others
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_config(path: str) -> Dict[str, Any]:
+    """Read the config.json of a log dir, or the one beside a checkpoint file.
+
+    Args:
+        path: a log directory, a checkpoint file inside one, or a config.json itself.
+
+    Raises:
+        FileNotFoundError: if there is no config.json there.
+        ValueError: if it is not a JSON object.
+    """
+    if os.path.isdir(path):
+        cfg_path = os.path.join(path, CONFIG_NAME)
+    elif os.path.basename(path) == CONFIG_NAME:
+        cfg_path = path
+    else:
+        cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(
+            f"load_config: no {CONFIG_NAME} at {cfg_path} (expected beside the checkpoint {path!r}, "
+            "written by save_config at training time)"
+        )
+    with open(cfg_path) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"load_config: {cfg_path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"load_config: {cfg_path} must hold a JSON object, got {type(config).__name__}")
+    return config
