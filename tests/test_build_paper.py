@@ -1,0 +1,171 @@
+"""Smoke tests of paper/build_paper.py on tiny fake results (no model, no benchmark run)."""
+
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "paper"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import build_paper  # noqa: E402
+import recon_report  # noqa: E402
+import results_values  # noqa: E402
+
+SOURCE = os.path.join(ROOT, "paper", "paper.md")
+
+FAKE_INFO = {
+    "created": "2000-01-01 00:00 UTC",
+    "data": {
+        "dir": "demo_data",
+        "image_shape": [16, 16],
+        "singlecoil": {"volumes": 2, "slices": 6},
+        "multicoil": {"volumes": 2, "slices": 6, "coils": 4},
+    },
+    "model": {
+        "checkpoint": "ema_0.9999_000010.pt",
+        "params_m": 0.1,
+        "image_size": 16,
+        "num_channels": 8,
+        "num_res_blocks": 1,
+        "attention_resolutions": "8",
+        "diffusion_steps": 100,
+        "noise_schedule": "cosine",
+        "learn_sigma": True,
+    },
+    "training": {
+        "steps": 10,
+        "batch_size": 2,
+        "lr": 0.0001,
+        "ema_rate": "0.9999",
+        "device": "cpu",
+        "wall_hours": 0.01,
+    },
+    "run": {
+        "device": "cpu",
+        "torch": "2.x",
+        "num_samples": 2,
+        "t0": "0.2",
+        "ddim_steps": 5,
+        "center_fraction_4x": 0.08,
+        "center_fraction_8x": 0.04,
+    },
+    "figure": {"coil": "single-coil", "acceleration": 4, "fname": "a.h5", "slice": 1, "error_gain": 5},
+}
+
+
+def _row(method, label, coil, acc, psnr, diffusion):
+    per_volume = [
+        {"nmse": 0.01, "psnr": psnr - 0.5, "ssim": 0.8},
+        {"nmse": 0.02, "psnr": psnr + 0.5, "ssim": 0.9},
+    ]
+    return recon_report.summarize(
+        method=method,
+        label=label,
+        coil=coil,
+        acceleration=acc,
+        mask="random" if acc == 4 else "equispaced",
+        center_fraction=0.08 if acc == 4 else 0.04,
+        target="reconstruction_esc" if coil == "singlecoil" else "reconstruction_rss",
+        per_volume=per_volume,
+        num_slices=6,
+        nfe=5 if diffusion else 0,
+        num_samples=2 if diffusion else 0,
+        sec_per_slice=0.5,
+        corr_per_slice=[0.3, 0.5] if diffusion else None,
+    )
+
+
+def make_fake_results(folder, with_ancestral=True):
+    """Write every results file the paper reads, with made-up numbers, into ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for coil in ("singlecoil", "multicoil"):
+        for acc in (4, 8):
+            rows.append(_row("zero_filled", "Zero-filled", coil, acc, 20.0, False))
+            rows.append(_row("l1_wavelet", "L1-wavelet", coil, acc, 24.0, False))
+            rows.append(_row("ddim_project", "DDIM + projection", coil, acc, 25.0, True))
+            if with_ancestral:
+                rows.append(_row("ancestral_project", "Ancestral + projection", coil, acc, 25.3, True))
+    recon_report.write_csv(rows, os.path.join(folder, "recon_metrics.csv"))
+    rng = np.random.default_rng(0)
+    target = rng.random((16, 16))
+    recon_report.make_figure(
+        target,
+        {"Zero-filled": target * 0.9, "DDIM + projection": target},
+        {"DDIM + projection": np.full((16, 16), 0.01)},
+        os.path.join(folder, "recon_figure.png"),
+    )
+    with open(os.path.join(folder, "benchmark_info.json"), "w") as f:
+        json.dump(FAKE_INFO, f)
+    with open(os.path.join(folder, "train_speed.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "device", "batch_size", "sec_per_step", "samples_per_sec"])
+        w.writerow(["cpu_bs4", "cpu", 4, 1.25, 3.2])
+    return rows
+
+
+def test_missing_results_fail_with_names(tmp_path):
+    out = tmp_path / "paper.pdf"
+    with pytest.raises(results_values.MissingResultsError) as err:
+        build_paper.build_paper(SOURCE, str(tmp_path / "none"), str(out))
+    assert "recon_metrics.csv" in str(err.value) and "train_speed.csv" in str(err.value)
+    assert not out.exists()
+    assert build_paper.main(["--results_dir", str(tmp_path / "none"), "--out", str(out)]) == 1
+
+
+def test_allow_missing_renders_marked_draft(tmp_path):
+    out = tmp_path / "draft.pdf"
+    res, used = build_paper.build_paper(SOURCE, str(tmp_path / "none"), str(out), allow_missing=True)
+    assert out.stat().st_size > 1000
+    assert "recon_metrics" in res.missing and "recon_metrics" in used
+
+
+def test_full_build_uses_results(tmp_path):
+    make_fake_results(tmp_path / "results")
+    out = tmp_path / "paper.pdf"
+    res, used = build_paper.build_paper(SOURCE, str(tmp_path / "results"), str(out))
+    assert used == [] and res.missing == []
+    assert out.read_bytes()[:5] == b"%PDF-"
+    assert res.values["recon.singlecoil.4x.ddim_project.psnr"] == "25.00 ± 0.50"
+    fitz = pytest.importorskip("pymupdf")  # only to read the text back; not a project dependency
+    text = " ".join(page.get_text() for page in fitz.open(str(out)))
+    assert "25.00 ± 0.50" in text and "MISSING" not in text and "DRAFT" not in text
+
+
+def test_unknown_placeholder_is_an_error(tmp_path):
+    make_fake_results(tmp_path / "results")
+    src = tmp_path / "bad.md"
+    src.write_text("# T\n\nA {{model.no_such_key}} here.\n")
+    with pytest.raises(build_paper.PaperError, match="no_such_key"):
+        build_paper.build_paper(str(src), str(tmp_path / "results"), str(tmp_path / "x.pdf"))
+
+
+def test_generated_sentences_follow_the_numbers(tmp_path):
+    rows = make_fake_results(tmp_path / "r1")
+    str_rows = [{k: recon_report._fmt_cell(v) for k, v in r.items()} for r in rows]
+    text = results_values.ddim_vs_ancestral(str_rows)
+    assert "-0.30 dB, within 0.5 dB" in text
+    abstract = results_values.abstract_summary(str_rows)
+    assert "(+1.00 dB)" in abstract  # DDIM 25.0 vs best baseline L1 24.0
+    make_fake_results(tmp_path / "r2", with_ancestral=False)
+    res = results_values.load_results(str(tmp_path / "r2"))
+    assert "not run" in results_values.ddim_vs_ancestral(res.recon_rows)
+
+
+def test_parse_source_blocks():
+    blocks = build_paper.parse_source(
+        "# Title\n\nby\n\n## A\n\npara one\nline two\n\n- b1\n  cont\n- b2\n\n::: table recon\n:::\n"
+        "::: figure recon_figure\ncap {{x}}\n:::\n"
+    )
+    kinds = [k for k, _ in blocks]
+    assert kinds == ["title", "para", "h2", "para", "bullets", "table", "figure"]
+    assert blocks[3][1] == "para one line two"
+    assert blocks[4][1] == ["b1 cont", "b2"]
+    assert blocks[6][1] == ("recon_figure", "cap {{x}}")
+    with pytest.raises(build_paper.PaperError):
+        build_paper.parse_source("::: figure recon_figure\nno end\n")
