@@ -1,0 +1,402 @@
+"""Training data from fastMRI h5 files: one complex image per slice, as 2 real channels.
+
+Files are read as fastMRI publishes them:
+
+* single-coil: ``kspace`` (slices, H, W) complex64, optional ``reconstruction_esc`` (slices, h, w) float32;
+* multi-coil: ``kspace`` (slices, coils, H, W) complex64, optional ``reconstruction_rss``, plus the key
+  ``sens_maps`` (same shape as ``kspace``, complex64) that ``datasets/prepare_fastmri.py`` adds;
+* ``ismrmrd_header`` and other keys are ignored; a ``mask`` key that is not all ones marks undersampled
+  k-space (fastMRI's test/challenge files), which cannot give training images and is refused.
+
+The training image of a slice is ``ifft2c(kspace)`` (single-coil) or the coil combination
+``sum_c conj(S_c) * ifft2c(y_c)`` with the ESPIRiT maps ``S`` (multi-coil), optionally center-cropped,
+divided by a per-slice intensity scale (:func:`scale_from_kspace`) that travels with the batch in
+``kwargs["scale"]``, so ``x * scale`` gives back the image exactly.
+"""
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .mri.fftc import center_crop, complex_to_channels, ifft2c
+
+# Half-width of the central k-space block the scale is computed from: the 3x3 block around the k-space
+# centre (H // 2, W // 2). Every mask we support samples it: fastMRI's centre fractions at 128 columns leave
+# 5 (8x, cf 0.04) or 10 (4x, cf 0.08) centre columns, and sigpy's Poisson calibration square of side 5 at
+# 128 is rows/columns 61..65, which holds 63..65 but not a 5x5 block around 64.
+SCALE_HALF_WIDTH = 1
+# scale = SCALE_MARGIN * max |low-resolution image|. The low-resolution image from the 3x3 block is a
+# heavily blurred copy whose maximum is close to max |x| (measured ratio 0.9-1.9 on MNI slices), so a
+# margin of 2 keeps almost all normalized magnitudes (and so both channels) inside [-1, 1], the range
+# improved-diffusion's x0 clipping assumes.
+SCALE_MARGIN = 2.0
+
+_KSPACE = "kspace"
+_MAPS = "sens_maps"
+_PREPARE_HINT = "run datasets/prepare_fastmri.py to add ESPIRiT sensitivity maps"
+
+CropSize = Optional[Union[int, Tuple[int, int]]]
+
+
+class BadFileError(ValueError):
+    """A data file that cannot be used; the message is one line naming the file and the problem."""
+
+
+def _as_complex_tensor(name: str, x) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    if not x.is_complex():
+        raise ValueError(f"{name} must be complex, got dtype {x.dtype}")
+    return x
+
+
+def slice_to_image(kspace: torch.Tensor, maps: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Complex image of one fully sampled slice.
+
+    Args:
+        kspace: (H, W) single-coil or (C, H, W) multi-coil complex k-space (centered, fastMRI layout).
+        maps: (C, H, W) complex sensitivity maps; required for multi-coil k-space, ignored otherwise.
+
+    Returns:
+        (H, W) complex image: ``ifft2c(kspace)`` or ``sum_c conj(maps_c) * ifft2c(kspace_c)``.
+    """
+    kspace = _as_complex_tensor("kspace", kspace)
+    if kspace.ndim == 2:
+        return ifft2c(kspace)
+    if kspace.ndim != 3:
+        raise ValueError(f"kspace must be (H, W) or (C, H, W), got shape {tuple(kspace.shape)}")
+    if maps is None:
+        raise ValueError(f"multi-coil kspace {tuple(kspace.shape)} needs sensitivity maps ({_PREPARE_HINT})")
+    maps = _as_complex_tensor("maps", maps).to(kspace.device)
+    if maps.shape != kspace.shape:
+        raise ValueError(f"maps shape {tuple(maps.shape)} does not match kspace shape {tuple(kspace.shape)}")
+    return (maps.conj() * ifft2c(kspace)).sum(dim=-3)
+
+
+def scale_from_kspace(kspace: torch.Tensor, maps: Optional[torch.Tensor] = None) -> float:
+    """Intensity scale of a slice from its central 3x3 k-space block only.
+
+    ``scale = SCALE_MARGIN * max_r sqrt(sum_c |ifft2c(B y_c)(r)|^2)`` where ``B`` keeps the 3x3 block
+    around the k-space centre ``(H // 2, W // 2)`` and zeros the rest: twice the peak of the root-sum-of-
+    squares low-resolution image. Every supported mask samples that block, so fully sampled (training)
+    and undersampled (reconstruction) k-space of the same slice give the same scale. For normalized maps
+    (sum_c |S_c|^2 = 1) the RSS of the low-resolution coil images is the magnitude of the low-resolution
+    coil-combined image, so the scale does not depend on how the maps were estimated; ``maps`` is
+    accepted for a uniform call signature and not used. An all-zero block gives 1.0 (nothing to scale).
+
+    Args:
+        kspace: (H, W) or (C, H, W) complex k-space (torch or numpy), fully sampled or masked.
+        maps: unused, see above.
+
+    Returns:
+        The scale (python float > 0); the network sees ``image / scale``.
+
+    Raises:
+        ValueError: if the central 3x3 block is only partly sampled (a mask that misses it).
+    """
+    del maps  # the RSS of the low-resolution coil images already is the combined magnitude
+    kspace = _as_complex_tensor("kspace", kspace)
+    if kspace.ndim not in (2, 3):
+        raise ValueError(f"kspace must be (H, W) or (C, H, W), got shape {tuple(kspace.shape)}")
+    h, w = kspace.shape[-2:]
+    r = SCALE_HALF_WIDTH
+    if h < 2 * r + 1 or w < 2 * r + 1:
+        raise ValueError(
+            f"kspace {tuple(kspace.shape)} is smaller than the {2 * r + 1}x{2 * r + 1} scale block"
+        )
+    rows, cols = slice(h // 2 - r, h // 2 + r + 1), slice(w // 2 - r, w // 2 + r + 1)
+    block = kspace[..., rows, cols]
+    sampled = (block != 0).reshape(-1, 2 * r + 1, 2 * r + 1).any(dim=0)
+    if not sampled.any():
+        return 1.0
+    if not sampled.all():
+        raise ValueError(
+            f"the central {2 * r + 1}x{2 * r + 1} k-space block is only partly sampled "
+            f"({int(sampled.sum())} of {sampled.numel()} points); the intensity scale needs a mask that "
+            "fully samples at least the 3 central rows and columns"
+        )
+    low = torch.zeros_like(kspace)
+    low[..., rows, cols] = block
+    low_img = ifft2c(low)
+    rss = low_img.abs() if kspace.ndim == 2 else low_img.abs().pow(2).sum(dim=0).sqrt()
+    return float(SCALE_MARGIN * rss.max())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# File index: every file is checked once before training starts.
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What the index pass learned about one usable file."""
+
+    path: str
+    num_slices: int
+    shape: Tuple[int, int]  # (H, W) of the k-space
+    num_coils: int  # 0 for single-coil
+
+
+def list_h5_files(data_dir: str) -> List[str]:
+    """All ``*.h5`` / ``*.hdf5`` files under ``data_dir`` (recursively), sorted for a stable order."""
+    if not os.path.isdir(data_dir):
+        raise ValueError(f"data_dir {data_dir!r} is not a directory")
+    found = []
+    for root, dirs, files in os.walk(data_dir):
+        dirs.sort()
+        found.extend(os.path.join(root, f) for f in files if f.endswith((".h5", ".hdf5")))
+    return sorted(found)
+
+
+def check_file(path: str, require_maps: bool = True, crop_size: CropSize = None) -> FileInfo:
+    """Open one fastMRI file and validate its keys, dtypes and shapes (no image data is read).
+
+    Args:
+        path: the h5 file.
+        require_maps: multi-coil files must hold ``sens_maps`` (False for the preparation script).
+        crop_size: if given, the crop must fit in the slices.
+
+    Raises:
+        BadFileError: one line ``"<path>: <problem>"``.
+    """
+
+    def bad(problem: str) -> BadFileError:
+        return BadFileError(f"{path}: {problem}")
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise bad(f"not a readable HDF5 file (corrupt or truncated?): {_first_line(err)}") from None
+    try:
+        with f:
+            if _KSPACE not in f:
+                raise bad(f"missing key '{_KSPACE}' (keys: {sorted(f.keys())})")
+            ksp = f[_KSPACE]
+            if not isinstance(ksp, h5py.Dataset) or ksp.dtype.kind != "c":
+                raise bad(f"'{_KSPACE}' must be a complex dataset, got {getattr(ksp, 'dtype', type(ksp))}")
+            if ksp.ndim not in (3, 4):
+                raise bad(
+                    f"'{_KSPACE}' must be (slices, H, W) or (slices, coils, H, W), got shape {ksp.shape}"
+                )
+            if 0 in ksp.shape:
+                raise bad(f"'{_KSPACE}' is empty, shape {ksp.shape}")
+            num_coils = ksp.shape[1] if ksp.ndim == 4 else 0
+            if num_coils and require_maps:
+                if _MAPS not in f:
+                    raise bad(f"multi-coil file without '{_MAPS}': {_PREPARE_HINT}")
+                maps = f[_MAPS]
+                if not isinstance(maps, h5py.Dataset) or maps.dtype.kind != "c":
+                    raise bad(
+                        f"'{_MAPS}' must be a complex dataset, got {getattr(maps, 'dtype', type(maps))}"
+                    )
+                if maps.shape != ksp.shape:
+                    raise bad(f"'{_MAPS}' shape {maps.shape} does not match '{_KSPACE}' shape {ksp.shape}")
+            if "mask" in f:
+                mask = np.asarray(f["mask"][()])
+                if mask.size and not np.all(mask != 0):
+                    raise bad(
+                        f"k-space is undersampled ('mask' samples {100 * np.mean(mask != 0):.0f}%); "
+                        "training needs fully sampled files"
+                    )
+            shape = tuple(int(s) for s in ksp.shape[-2:])
+            if crop_size is not None:
+                ch, cw = _crop_pair(crop_size)
+                if ch > shape[0] or cw > shape[1]:
+                    raise bad(f"crop_size {(ch, cw)} is larger than the slices {shape}")
+            return FileInfo(path=path, num_slices=int(ksp.shape[0]), shape=shape, num_coils=int(num_coils))
+    except BadFileError:
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError) as err:  # h5py's errors on damaged metadata
+        raise bad(f"unreadable: {_first_line(err)}") from None
+
+
+def index_files(
+    paths: Sequence[str], on_bad_file: str = "error", require_maps: bool = True, crop_size: CropSize = None
+) -> List[FileInfo]:
+    """Run :func:`check_file` over ``paths``; bad files raise (``"error"``) or are skipped with a warning."""
+    if on_bad_file not in ("error", "skip"):
+        raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
+    infos, skipped = [], []
+    for path in paths:
+        try:
+            infos.append(check_file(path, require_maps=require_maps, crop_size=crop_size))
+        except BadFileError as err:
+            if on_bad_file == "error":
+                raise
+            skipped.append(str(err))
+            warnings.warn(f"skipping bad file {err}", stacklevel=2)
+    if skipped:
+        warnings.warn(
+            f"skipped {len(skipped)} of {len(paths)} files as bad (on_bad_file='skip')", stacklevel=2
+        )
+    return infos
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+def _crop_pair(crop_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    pair = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+    if len(pair) != 2 or not all(isinstance(s, int) and s > 0 for s in pair):
+        raise ValueError(f"crop_size must be a positive int or (h, w), got {crop_size!r}")
+    return pair
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dataset and loader.
+
+
+class FastMRISliceDataset(Dataset):
+    """One item per (file, slice): ``(x (2, h, w) float32, {"scale", "fname", "slice_idx"})``.
+
+    Files are opened per item (cheap with h5py), so the dataset holds no handle and works in DataLoader
+    worker processes with any start method.
+    """
+
+    def __init__(self, files: Sequence[FileInfo], crop_size: CropSize = None, skip_edge_slices: int = 0):
+        if skip_edge_slices < 0:
+            raise ValueError(f"skip_edge_slices must be >= 0, got {skip_edge_slices}")
+        self.crop = None if crop_size is None else _crop_pair(crop_size)
+        self.items: List[Tuple[str, int, bool]] = []
+        for info in files:
+            # Noise-only slices sit at both ends of a volume; drop skip_edge_slices on each side.
+            for s in range(skip_edge_slices, info.num_slices - skip_edge_slices):
+                self.items.append((info.path, s, info.num_coils > 0))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict]:
+        path, s, multicoil = self.items[index]
+        try:
+            with h5py.File(path, "r") as f:
+                kspace = torch.from_numpy(np.asarray(f[_KSPACE][s]))
+                maps = torch.from_numpy(np.asarray(f[_MAPS][s])) if multicoil else None
+        except (OSError, KeyError, RuntimeError, ValueError) as err:
+            raise BadFileError(f"{path}: cannot read slice {s}: {_first_line(err)}") from None
+        kspace = kspace.to(torch.complex64)
+        scale = scale_from_kspace(kspace)
+        image = slice_to_image(kspace, None if maps is None else maps.to(torch.complex64))
+        if self.crop is not None:
+            image = center_crop(image, self.crop)
+        x = complex_to_channels(image / scale).float().contiguous()
+        if not torch.isfinite(x).all():
+            raise BadFileError(f"{path}: slice {s} gives non-finite image values")
+        return x, {"scale": np.float32(scale), "fname": os.path.basename(path), "slice_idx": s}
+
+
+def collate_slices(batch: List[Tuple[torch.Tensor, Dict]]) -> Tuple[torch.Tensor, Dict]:
+    """Stack items: ``(x (B, 2, h, w), {"scale": (B,) float32, "fname": [B], "slice_idx": (B,) int64})``."""
+    shapes = {tuple(x.shape) for x, _ in batch}
+    if len(shapes) > 1:
+        raise ValueError(f"cannot batch slices of different sizes {sorted(shapes)}; use crop_size or batch 1")
+    x = torch.stack([item[0] for item in batch])
+    kwargs = {
+        "scale": torch.tensor([item[1]["scale"] for item in batch], dtype=torch.float32),
+        "fname": [item[1]["fname"] for item in batch],
+        "slice_idx": torch.tensor([item[1]["slice_idx"] for item in batch], dtype=torch.int64),
+    }
+    return x, kwargs
+
+
+def _default_shard() -> Tuple[int, int]:
+    try:  # lazy: dist_util pulls in torch.distributed / mpi4py set-up code that plain loading never needs
+        from . import dist_util
+
+        return int(dist_util.get_rank()), int(dist_util.get_world_size())
+    except ImportError:
+        return 0, 1
+
+
+def load_data(
+    *,
+    data_dir: str,
+    batch_size: int,
+    crop_size: CropSize = None,
+    deterministic: bool = False,
+    skip_edge_slices: int = 0,
+    num_workers: int = 0,
+    on_bad_file: str = "error",
+    shard: Optional[int] = None,
+    num_shards: Optional[int] = None,
+    seed: int = 0,
+) -> Iterator[Tuple[torch.Tensor, Dict]]:
+    """Infinite generator of training batches from a folder of fastMRI h5 files.
+
+    Files (sorted) are split across ranks as ``files[shard::num_shards]`` (defaults: this process's rank
+    and world size), then each file of the shard is checked (:func:`check_file`) before anything is read.
+
+    Args:
+        data_dir: folder searched recursively for ``*.h5`` / ``*.hdf5``.
+        batch_size: slices per batch; > 1 needs equal slice sizes (use ``crop_size`` for mixed sizes).
+        crop_size: center crop of the image, int or (h, w); None keeps the full size.
+        deterministic: fixed order every pass; otherwise shuffled with a generator seeded by ``seed``.
+        skip_edge_slices: slices dropped at each end of every volume (noise-only edges).
+        num_workers: torch DataLoader worker processes.
+        on_bad_file: "error" raises :class:`BadFileError`; "skip" warns and leaves the file out.
+        shard, num_shards: this process's part of the files; default from dist_util (0, 1 otherwise).
+        seed: shuffling seed.
+
+    Yields:
+        ``(x, kwargs)``: x float32 (B, 2, h, w) = (real, imag) of image / scale; kwargs
+        ``{"scale": float32 (B,), "fname": list[str], "slice_idx": int64 (B,)}``.
+    """
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if crop_size is not None:
+        crop_size = _crop_pair(crop_size)
+    if shard is None or num_shards is None:
+        rank, world = _default_shard()
+        shard = rank if shard is None else shard
+        num_shards = world if num_shards is None else num_shards
+    if not (num_shards >= 1 and 0 <= shard < num_shards):
+        raise ValueError(f"shard {shard} is not in [0, num_shards={num_shards})")
+
+    paths = list_h5_files(data_dir)
+    if not paths:
+        raise ValueError(f"data_dir {data_dir!r} holds no .h5 files")
+    mine = paths[shard::num_shards]
+    if not mine:
+        raise ValueError(
+            f"shard {shard} of {num_shards} gets no files: {data_dir!r} holds only {len(paths)}; "
+            "use fewer ranks"
+        )
+    infos = index_files(mine, on_bad_file=on_bad_file, require_maps=True, crop_size=crop_size)
+    if not infos:
+        raise ValueError(f"no usable files in shard {shard} of {num_shards} of {data_dir!r} (all were bad)")
+    if batch_size > 1 and crop_size is None:
+        sizes = {info.shape: info.path for info in infos}
+        if len(sizes) > 1:
+            (s1, p1), (s2, p2) = list(sizes.items())[:2]
+            raise ValueError(
+                f"batch_size={batch_size} needs equal slice sizes, but {p1} has {s1} and {p2} has {s2}; "
+                "pass crop_size or use batch_size=1"
+            )
+
+    dataset = FastMRISliceDataset(infos, crop_size=crop_size, skip_edge_slices=skip_edge_slices)
+    if len(dataset) < batch_size:
+        raise ValueError(
+            f"only {len(dataset)} slices in shard {shard} of {data_dir!r} (after skip_edge_slices="
+            f"{skip_edge_slices}), fewer than batch_size={batch_size}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=not deterministic,
+        num_workers=num_workers,
+        drop_last=True,
+        collate_fn=collate_slices,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+    )
+    while True:
+        yield from loader
