@@ -79,10 +79,15 @@ def calibration_region(sampled: np.ndarray) -> Tuple[int, int, int, int]:
         run(sampled[ch], cw, -1),
         run(sampled[ch], cw, 1),
     ]
-    # Shrink the largest extent until the whole rectangle is sampled (Poisson masks reach past the square).
-    while not sampled[ch - ext[0] : ch + ext[1] + 1, cw - ext[2] : cw + ext[3] + 1].all():
-        ext[int(np.argmax(ext))] -= 1
-    return tuple(ext)
+    # Shrink until the whole rectangle is sampled (Poisson masks and full centre lines reach past the
+    # square): take away the edge line with the largest missing fraction (ties: the longer extent).
+    while True:
+        box = sampled[ch - ext[0] : ch + ext[1] + 1, cw - ext[2] : cw + ext[3] + 1]
+        if box.all():
+            return tuple(ext)
+        missing = [1 - line.mean() for line in (box[0], box[-1], box[:, 0], box[:, -1])]
+        movable = [i for i in range(4) if ext[i] > 0]
+        ext[max(movable, key=lambda i: (missing[i], ext[i]))] -= 1
 
 
 def _square_width(ext: Tuple[int, int, int, int], calib_width: int) -> int:
