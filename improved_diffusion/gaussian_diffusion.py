@@ -34,6 +34,11 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
         raise ValueError(f"diffusion_steps must be >= 1, got {num_diffusion_timesteps}")
     if schedule_name == "linear":
         scale = 1000.0 / num_diffusion_timesteps
+        if scale * 0.02 >= 1.0:
+            raise ValueError(
+                f"diffusion_steps: the linear schedule needs more than 20 steps (its last beta is "
+                f"20 / steps), got {num_diffusion_timesteps}; use more steps or noise_schedule='cosine'"
+            )
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
     if schedule_name == "cosine":
         return betas_for_alpha_bar(
@@ -141,8 +146,10 @@ class GaussianDiffusion:
             raise ValueError(
                 f"GaussianDiffusion: betas must be a non-empty 1-D array, got shape {betas.shape}"
             )
-        if not ((betas > 0).all() and (betas <= 1).all()):
-            raise ValueError("GaussianDiffusion: every beta must lie in (0, 1]")
+        if not ((betas > 0).all() and (betas < 1).all()):
+            raise ValueError(
+                "GaussianDiffusion: every beta must lie in (0, 1) (beta = 1 destroys all signal)"
+            )
         self.betas = betas
         self.num_timesteps = int(betas.shape[0])
 
