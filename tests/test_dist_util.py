@@ -1,0 +1,149 @@
+"""dist_util: launcher detection, plain single-process behaviour, lazy mpi4py, and the 2-rank helpers."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from improved_diffusion import dist_util
+
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+LAUNCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "PMI_RANK",
+    "PMI_SIZE",
+    "OMPI_COMM_WORLD_RANK",
+    "PMIX_RANK",
+)
+
+
+def _plain_env():
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith(("PMI", "OMPI"))}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, "none"),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, "torchrun"),
+        ({"PMI_RANK": "1"}, "mpi"),
+        ({"OMPI_COMM_WORLD_RANK": "0"}, "mpi"),
+        ({"PMIX_RANK": "0"}, "mpi"),
+    ],
+)
+def test_detect_launcher(monkeypatch, env, expected):
+    for var in LAUNCH_VARS + ("MV2_COMM_WORLD_RANK",):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert dist_util.detect_launcher() == expected
+
+
+def test_plain_process_needs_no_mpi_and_no_group():
+    code = textwrap.dedent(
+        """
+        import sys
+        from improved_diffusion import dist_util
+        dist_util.setup_dist()
+        assert "mpi4py" not in sys.modules, "mpi4py was imported in a plain run"
+        assert not dist_util.is_initialized()
+        assert (dist_util.get_rank(), dist_util.get_world_size()) == (0, 1)
+        assert dist_util.is_main_process() and dist_util.launcher() == "none"
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=_plain_env(), capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_single_process_helpers(tmp_path):
+    path = str(tmp_path / "w.pt")
+    torch.save({"w": torch.arange(3.0)}, path)
+    assert torch.equal(dist_util.load_state_dict(path)["w"], torch.arange(3.0))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        dist_util.load_state_dict(str(tmp_path / "missing.pt"))
+    p = torch.ones(2)
+    dist_util.sync_params([p])  # no-op
+    dist_util.barrier()
+    assert torch.equal(p, torch.ones(2))
+    assert dist_util.broadcast_object({"a": 1}) == {"a": 1}
+    assert dist_util.all_gather_object(5) == [5]
+    assert dist_util.dev() == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+
+
+TWO_RANK_SCRIPT = textwrap.dedent(
+    """
+    import builtins, os, sys
+    import torch
+    from improved_diffusion import dist_util
+
+    dist_util.setup_dist()
+    rank = dist_util.get_rank()
+    assert dist_util.get_world_size() == 2 and dist_util.launcher() == sys.argv[2]
+    assert os.environ["MASTER_ADDR"] and os.environ["MASTER_PORT"]
+    path = sys.argv[1]
+    if rank == 1:  # only rank 0 may touch the file
+        real_open = builtins.open
+        def guarded(file, *a, **k):
+            assert os.path.abspath(str(file)) != os.path.abspath(path), "rank 1 opened the checkpoint"
+            return real_open(file, *a, **k)
+        builtins.open = guarded
+    state = dist_util.load_state_dict(path)
+    assert torch.equal(state["w"], torch.arange(5.0)), state
+    try:
+        dist_util.load_state_dict(path + ".missing")
+        raise AssertionError("no error for a missing file")
+    except FileNotFoundError:
+        pass
+    params = [torch.full((3,), float(rank)), torch.full((2, 2), 10.0 + rank)]
+    dist_util.sync_params(params)
+    assert torch.equal(params[0], torch.zeros(3)) and torch.equal(params[1], torch.full((2, 2), 10.0))
+    assert dist_util.broadcast_object("from %d" % rank) == "from 0"
+    assert dist_util.all_gather_object(rank) == [0, 1]
+    dist_util.barrier()
+    os.write(1, ("rank %d ok\\n" % rank).encode())  # one write: the ranks share stdout
+    dist_util.cleanup_dist()
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.exists(MPIEXEC), reason=f"no mpiexec at {MPIEXEC}")
+def test_two_ranks_under_mpiexec(tmp_path):
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANK_SCRIPT)
+    ckpt = str(tmp_path / "ckpt.pt")
+    torch.save({"w": torch.arange(5.0)}, ckpt)
+    cmd = [MPIEXEC, "-n", "2", sys.executable, str(script), ckpt, "mpi"]
+    out = subprocess.run(cmd, env=_plain_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "rank 0 ok" in out.stdout and "rank 1 ok" in out.stdout
+
+
+def test_two_ranks_under_torchrun(tmp_path):
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANK_SCRIPT)
+    ckpt = str(tmp_path / "ckpt.pt")
+    torch.save({"w": torch.arange(5.0)}, ckpt)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        ckpt,
+        "torchrun",
+    ]
+    out = subprocess.run(cmd, env=_plain_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "rank 0 ok" in out.stdout and "rank 1 ok" in out.stdout
