@@ -1,0 +1,623 @@
+"""Reconstruction benchmark: baselines and diffusion reconstructions on a validation split -> results/.
+
+For each coil setting (single-coil, multi-coil) and acceleration (4×: random mask, centre fraction 0.08;
+8×: equispaced, centre fraction 0.04, fastMRI's conventions), every method is run through the product's
+own command-line scripts (scripts/baseline_recon.py, scripts/image_sample.py, as subprocesses with this
+Python), and its output volumes are scored here against the targets stored in the input files
+(reconstruction_esc for single-coil, reconstruction_rss for multi-coil) with fastMRI's metrics.
+
+Methods: zero_filled, sense (multi-coil only), l1_wavelet, ddim_project (DDIM, x̂0 projected onto the
+measurements), ddim_replace (DDIM, noisy k-space replacement), and with --ancestral, ancestral_project
+(the full-length ancestral chain with learned variances, for the DDIM-vs-many-steps comparison).
+
+Writes (see docs/results.md):
+    results/recon_metrics.csv    tidy: one row per method × coil × acceleration (mean ± std over volumes)
+    results/recon_per_volume.csv one row per method × setting × volume
+    results/recon_table.md       the same table in markdown
+    results/recon_figure.png     one slice, every method, |error| maps, std maps beside them
+    results/benchmark_info.json  data, model, training and run details quoted by the paper
+
+Runs are resumable: each method × setting keeps its outputs under ``--work_dir`` and a ``summary.json``;
+a finished one is reused unless its command changed or --overwrite is given, and an interrupted one
+continues where the script left off (the scripts skip volumes whose output exists).
+
+Example (the real run; docs/results.md lists the reduced smoke run)::
+
+    .venv/bin/python benchmarks/recon_benchmark.py --model_path logs/demo/ema_0.9999_020000.pt \\
+        --data_dir demo_data --num_samples 4 --t0 0.2 --ancestral
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import h5py
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import recon_report  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(REPO_ROOT, "scripts")
+
+# acceleration -> (mask type, centre fraction): fastMRI's knee 4× and brain 8× protocols.
+PROTOCOLS: Dict[int, Tuple[str, float]] = {4: ("random", 0.08), 8: ("equispaced", 0.04)}
+TARGET_KEYS = {"singlecoil": "reconstruction_esc", "multicoil": "reconstruction_rss"}
+ALL_METHODS = ("zero_filled", "sense", "l1_wavelet", "ddim_project", "ddim_replace", "ancestral_project")
+BASELINES = ("zero_filled", "sense", "l1_wavelet")
+
+
+@dataclass
+class Method:
+    """How one method is run.
+
+    Attributes:
+        name: the ``method`` column of the CSV.
+        label: human-readable name for tables and figures.
+        script: the script in scripts/ that runs it.
+        args: its method-specific flags.
+        diffusion: True for the diffusion reconstructions (K samples, std maps, NFE).
+    """
+
+    name: str
+    label: str
+    script: str
+    args: List[str] = field(default_factory=list)
+    diffusion: bool = False
+
+
+def build_methods(args: argparse.Namespace) -> List[Method]:
+    """The methods to run, in table order, from the CLI options."""
+    ddim = ["--use_ddim", "True", "--timestep_respacing", f"ddim{args.ddim_steps}"]
+    ancestral = ["--use_ddim", "False", "--timestep_respacing", str(args.ancestral_steps or "")]
+    common = ["--model_path", args.model_path, "--num_samples", str(args.num_samples), "--t0", str(args.t0)]
+    common += ["--sample_seed", str(args.seed), "--png", "False"]
+    if args.batch_size:
+        common += ["--batch_size", str(args.batch_size)]
+    common += shlex.split(args.sample_args)
+    base_extra = ["--png", "False"] + shlex.split(args.baseline_args)
+    steps = args.ancestral_steps or "T"
+    methods = [
+        Method("zero_filled", "Zero-filled", "baseline_recon.py", ["--method", "zero_filled"] + base_extra),
+        Method("sense", "SENSE", "baseline_recon.py", ["--method", "sense"] + base_extra),
+        Method("l1_wavelet", "L1-wavelet", "baseline_recon.py", ["--method", "l1_wavelet"] + base_extra),
+        Method(
+            "ddim_project",
+            f"DDIM-{args.ddim_steps}, projection",
+            "image_sample.py",
+            ddim + ["--dc", "project"] + common,
+            diffusion=True,
+        ),
+        Method(
+            "ddim_replace",
+            f"DDIM-{args.ddim_steps}, replace",
+            "image_sample.py",
+            ddim + ["--dc", "replace"] + common,
+            diffusion=True,
+        ),
+        Method(
+            "ancestral_project",
+            f"Ancestral-{steps}, projection",
+            "image_sample.py",
+            ancestral + ["--dc", "project"] + common,
+            diffusion=True,
+        ),
+    ]
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - set(ALL_METHODS))
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {list(ALL_METHODS)}")
+    if args.ancestral and "ancestral_project" not in wanted:
+        wanted.append("ancestral_project")
+    chosen = [m for m in methods if m.name in wanted]
+    if any(m.diffusion for m in chosen) and not args.model_path:
+        raise ValueError("--model_path is needed for the diffusion methods (or leave them out of --methods)")
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def list_h5(folder: str) -> List[str]:
+    """Sorted .h5 files directly in ``folder``."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"data folder {folder}: not found")
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith((".h5", ".hdf5")))
+    if not files:
+        raise ValueError(f"data folder {folder}: no .h5 files")
+    return files
+
+
+def central_slices(num_slices: int, max_slices: int) -> range:
+    """The ``max_slices`` central slice indices (all when max_slices <= 0)."""
+    if max_slices <= 0 or max_slices >= num_slices:
+        return range(num_slices)
+    start = (num_slices - max_slices) // 2
+    return range(start, start + max_slices)
+
+
+def subset_file(src: str, dst: str, max_slices: int) -> None:
+    """Copy an h5 file keeping only its central ``max_slices`` slices of the per-slice datasets.
+
+    Datasets whose first axis is the slice axis (kspace, targets, sens_maps) are cut; others (a 1-D/2-D
+    ``mask``) and the attrs are copied unchanged. The file name is kept, so name-seeded masks are unchanged.
+    """
+    with h5py.File(src, "r") as fin:
+        if "kspace" not in fin:
+            raise ValueError(f"{src}: missing key 'kspace'")
+        n = fin["kspace"].shape[0]
+        keep = central_slices(n, max_slices)
+        tmp = dst + ".tmp"
+        with h5py.File(tmp, "w") as fout:
+            for key, ds in fin.items():
+                if not isinstance(ds, h5py.Dataset):
+                    continue
+                per_slice = key != "mask" and ds.ndim >= 3 and ds.shape[0] == n
+                data = ds[keep.start : keep.stop] if per_slice else ds[()]
+                fout.create_dataset(key, data=data)
+                for k, v in ds.attrs.items():
+                    fout[key].attrs[k] = v
+            for k, v in fin.attrs.items():
+                fout.attrs[k] = v
+    os.replace(tmp, dst)
+
+
+def prepare_inputs(src_dir: str, work_dir: str, coil: str, max_files: int, max_slices: int) -> str:
+    """The folder the methods read: ``src_dir`` itself, or a reduced copy (first files, central slices)."""
+    files = list_h5(src_dir)
+    if max_files <= 0 and max_slices <= 0:
+        return os.path.abspath(src_dir)
+    if max_files > 0:
+        files = files[:max_files]
+    dst_dir = os.path.join(work_dir, "inputs", f"{coil}_f{max_files}_s{max_slices}")
+    os.makedirs(dst_dir, exist_ok=True)
+    for src in files:
+        dst = os.path.join(dst_dir, os.path.basename(src))
+        if not os.path.exists(dst) or os.path.getmtime(dst) < os.path.getmtime(src):
+            subset_file(src, dst, max_slices)
+    return dst_dir
+
+
+# --------------------------------------------------------------------------------------------- one run
+
+
+def method_command(
+    method: Method, input_dir: str, out_dir: str, acceleration: int, overwrite: bool
+) -> List[str]:
+    """The subprocess command line of one method on one setting."""
+    mask_type, center_fraction = PROTOCOLS[acceleration]
+    cmd = [
+        sys.executable,
+        os.path.join(SCRIPTS, method.script),
+        "--input",
+        input_dir,
+        "--output_dir",
+        out_dir,
+    ]
+    cmd += ["--mask_type", mask_type, "--center_fractions", str(center_fraction)]
+    cmd += ["--accelerations", str(acceleration)] + method.args
+    if overwrite:
+        cmd += ["--overwrite", "True"]
+    return cmd
+
+
+def _signature(cmd: Sequence[str], input_dir: str) -> str:
+    """Identifies a run: its command (without --overwrite) and the input files' names, sizes, mtimes."""
+    parts = [c for i, c in enumerate(cmd) if c != "--overwrite" and (i == 0 or cmd[i - 1] != "--overwrite")]
+    files = [(os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))) for f in list_h5(input_dir)]
+    return hashlib.sha256(json.dumps([parts[1:], files]).encode()).hexdigest()[:16]
+
+
+def score_outputs(out_dir: str, input_dir: str, coil: str) -> Dict[str, Any]:
+    """Score every output volume of one run against the targets in its input files.
+
+    Returns:
+        ``{"volumes": [{"file", "num_slices", "nmse", "psnr", "ssim", "seconds_per_slice", "nfe",
+        "num_samples", "corr": [per-slice r]}], "target": key}``.
+    """
+    from improved_diffusion.mri import metrics as mri_metrics
+
+    target_key = TARGET_KEYS[coil]
+    volumes = []
+    for src in list_h5(input_dir):
+        name = os.path.basename(src)
+        out = os.path.join(out_dir, name)
+        if not os.path.isfile(out):
+            raise ValueError(f"{out}: missing output of the run (the script did not write it)")
+        with h5py.File(src, "r") as f:
+            if target_key not in f:
+                raise ValueError(f"{src}: no target '{target_key}' to score {coil} reconstructions against")
+            target = np.asarray(f[target_key][()], dtype=np.float64)
+        with h5py.File(out, "r") as f:
+            recon = np.asarray(f["reconstruction"][()], dtype=np.float64)
+            std = (
+                np.asarray(f["reconstruction_std"][()], dtype=np.float64)
+                if "reconstruction_std" in f
+                else None
+            )
+            attrs = dict(f.attrs)
+        if recon.shape != target.shape:
+            raise ValueError(
+                f"{out}: reconstruction {recon.shape} does not match target {target.shape} in {src}"
+            )
+        m = mri_metrics.volume_metrics(target, recon)
+        num_samples = int(attrs.get("num_samples", 0) or 0)
+        corr: List[float] = []
+        if std is not None and num_samples > 1:
+            corr = [float(r) for r in recon_report.std_error_correlation(std, np.abs(recon - target))]
+        volumes.append(
+            {
+                "file": name,
+                "num_slices": int(target.shape[0]),
+                "nmse": float(m["nmse"]),
+                "psnr": float(m["psnr"]),
+                "ssim": float(m["ssim"]),
+                "seconds_per_slice": float(attrs.get("seconds_per_slice", float("nan"))),
+                "nfe": int(attrs.get("nfe", 0) or 0),
+                "num_samples": num_samples,
+                "corr": corr,
+            }
+        )
+    return {"volumes": volumes, "target": target_key}
+
+
+def run_method(
+    method: Method,
+    coil: str,
+    acceleration: int,
+    input_dir: str,
+    work_dir: str,
+    overwrite: bool,
+    dry_run: bool = False,
+) -> Optional[Dict[str, Any]]:
+    """Run one method on one setting (or reuse its finished run) and return its summary dict."""
+    run_dir = os.path.join(work_dir, f"{coil}_{acceleration}x", method.name)
+    out_dir = os.path.join(run_dir, "recon")
+    summary_path = os.path.join(run_dir, "summary.json")
+    cmd = method_command(method, input_dir, out_dir, acceleration, overwrite)
+    signature = _signature(cmd, input_dir)
+    if not overwrite and os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+        if summary.get("signature") == signature:
+            return summary
+        overwrite = True  # the command or the inputs changed: redo every volume
+        cmd = method_command(method, input_dir, out_dir, acceleration, overwrite)
+    print(f"[recon_benchmark] {coil} {acceleration}x {method.name}: {' '.join(shlex.quote(c) for c in cmd)}")
+    if dry_run:
+        return None
+    os.makedirs(run_dir, exist_ok=True)
+    start = time.time()
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{method.name} on {coil} {acceleration}x failed (exit {proc.returncode}); command above"
+        )
+    summary = score_outputs(out_dir, input_dir, coil)
+    summary.update(signature=signature, wall_seconds=time.time() - start, command=cmd[1:])
+    tmp = summary_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(tmp, summary_path)
+    return summary
+
+
+def summary_row(method: Method, coil: str, acceleration: int, summary: Dict[str, Any]) -> Dict[str, Any]:
+    """The tidy CSV row of one run's summary."""
+    vols = summary["volumes"]
+    slices = sum(v["num_slices"] for v in vols)
+    # seconds per slice: slice-weighted mean of the per-volume means the script recorded
+    secs = [v["seconds_per_slice"] * v["num_slices"] for v in vols if np.isfinite(v["seconds_per_slice"])]
+    sec_per_slice = float(np.sum(secs) / slices) if secs else float("nan")
+    corr = [r for v in vols for r in v["corr"]]
+    mask_type, center_fraction = PROTOCOLS[acceleration]
+    return recon_report.summarize(
+        method=method.name,
+        label=method.label,
+        coil=coil,
+        acceleration=acceleration,
+        mask=mask_type,
+        center_fraction=center_fraction,
+        target=summary["target"],
+        per_volume=vols,
+        num_slices=slices,
+        nfe=max((v["nfe"] for v in vols), default=0) if method.diffusion else 0,
+        num_samples=max((v["num_samples"] for v in vols), default=0) if method.diffusion else 0,
+        sec_per_slice=sec_per_slice,
+        corr_per_slice=corr if method.diffusion and corr else None,
+    )
+
+
+# ------------------------------------------------------------------------------------ info for the paper
+
+WALL_TIME_COLUMNS = ("time_elapsed", "elapsed_s", "elapsed_sec", "wall_s", "wall_time", "time")
+
+
+def training_info(model_path: str) -> Dict[str, Any]:
+    """Model and training facts from a checkpoint, its config.json and its log dir's progress.csv.
+
+    The wall time comes from a progress.csv column of elapsed seconds when the training log has one;
+    otherwise it is estimated from file times (config.json written at the start of the last (re)start,
+    the checkpoint at its end) and marked as such in ``wall_time_source``.
+    """
+    import torch
+
+    from improved_diffusion.script_util import load_config
+
+    config = load_config(model_path)
+    state = torch.load(model_path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    num_params = int(sum(v.numel() for v in state.values() if hasattr(v, "numel")))
+    log_dir = os.path.dirname(os.path.abspath(model_path))
+    digits = "".join(
+        ch for ch in os.path.basename(model_path).rsplit(".", 1)[0].rsplit("_", 1)[-1] if ch.isdigit()
+    )
+    step = int(digits) if digits else None
+    wall_hours, source = None, "unknown"
+    progress = os.path.join(log_dir, "progress.csv")
+    if os.path.isfile(progress):
+        with open(progress, newline="") as f:
+            rows = list(csv.DictReader(f))
+        col = next((c for c in WALL_TIME_COLUMNS if rows and c in rows[0]), None)
+        if col is not None:
+            upto = [
+                r for r in rows if r.get(col) and (step is None or int(float(r.get("step") or 0)) <= step)
+            ]
+            if upto:
+                wall_hours, source = float(upto[-1][col]) / 3600.0, f"progress.csv column '{col}'"
+    cfg_file = os.path.join(log_dir, "config.json")
+    if wall_hours is None and os.path.isfile(cfg_file):
+        wall_hours = max(os.path.getmtime(model_path) - os.path.getmtime(cfg_file), 0.0) / 3600.0
+        source = "estimated from file times (config.json to checkpoint; since the last restart)"
+    model_keys = (
+        "image_size",
+        "num_channels",
+        "num_res_blocks",
+        "attention_resolutions",
+        "channel_mult",
+        "diffusion_steps",
+        "noise_schedule",
+        "learn_sigma",
+        "use_kl",
+        "dropout",
+    )
+    model = {k: config[k] for k in model_keys if k in config}
+    model.update(
+        checkpoint=os.path.basename(model_path), params_m=round(num_params / 1e6, 2), params=num_params
+    )
+    training = {
+        "steps": step,
+        "batch_size": config.get("batch_size"),
+        "lr": config.get("lr"),
+        "ema_rate": str(config.get("ema_rate", "")),
+        "data_dir": config.get("data_dir"),
+        "crop_size": str(config.get("crop_size", "")),
+        "device": config.get("device", "cpu (no CUDA device recorded)"),
+        "wall_hours": None if wall_hours is None else round(wall_hours, 2),
+        "wall_time_source": source,
+    }
+    return {"model": model, "training": training}
+
+
+def data_info(input_dirs: Dict[str, str]) -> Dict[str, Any]:
+    """Volumes, slices, shapes and coils of the inputs actually scored."""
+    out: Dict[str, Any] = {}
+    shape = None
+    for coil, folder in input_dirs.items():
+        files = list_h5(folder)
+        slices, coils = 0, 0
+        for path in files:
+            with h5py.File(path, "r") as f:
+                ksp = f["kspace"]
+                slices += int(ksp.shape[0])
+                coils = int(ksp.shape[1]) if ksp.ndim == 4 else 1
+                tgt = f.get(TARGET_KEYS[coil])
+                shape = list(tgt.shape[1:]) if tgt is not None else list(ksp.shape[-2:])
+        out[coil] = {"dir": folder, "volumes": len(files), "slices": slices, "coils": coils}
+    out["image_shape"] = shape
+    return out
+
+
+def write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def figure_data(
+    work_dir: str, coil: str, acceleration: int, methods: List[Method], input_dir: str, slice_idx: int
+) -> Tuple[np.ndarray, Dict[str, np.ndarray], Dict[str, np.ndarray], Dict[str, Any]]:
+    """Target, reconstructions and std maps of one slice of the first volume of one setting."""
+    src = list_h5(input_dir)[0]
+    name = os.path.basename(src)
+    with h5py.File(src, "r") as f:
+        n = f[TARGET_KEYS[coil]].shape[0]
+        s = n // 2 if slice_idx < 0 else min(slice_idx, n - 1)
+        target = np.asarray(f[TARGET_KEYS[coil]][s], dtype=np.float64)
+    recons, stds = {}, {}
+    for m in methods:
+        out = os.path.join(work_dir, f"{coil}_{acceleration}x", m.name, "recon", name)
+        if not os.path.isfile(out):
+            continue
+        with h5py.File(out, "r") as f:
+            recons[m.label] = np.asarray(f["reconstruction"][s], dtype=np.float64)
+            if m.diffusion and "reconstruction_std" in f and int(f.attrs.get("num_samples", 0) or 0) > 1:
+                stds[m.label] = np.asarray(f["reconstruction_std"][s], dtype=np.float64)
+    meta = {"coil": recon_report.COIL_LABELS[coil], "acceleration": acceleration, "fname": name, "slice": s}
+    return target, recons, stds, meta
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", default="", help="diffusion checkpoint (config.json beside it)")
+    p.add_argument(
+        "--data_dir", default=os.path.join(REPO_ROOT, "demo_data"), help="holds <coil>_val/ folders"
+    )
+    p.add_argument(
+        "--singlecoil_dir", default="", help="single-coil folder (default: <data_dir>/singlecoil_val)"
+    )
+    p.add_argument(
+        "--multicoil_dir", default="", help="multi-coil folder (default: <data_dir>/multicoil_val)"
+    )
+    p.add_argument("--coils", default="singlecoil,multicoil")
+    p.add_argument("--accelerations", default="4,8", help=f"from {sorted(PROTOCOLS)}")
+    p.add_argument("--methods", default="zero_filled,sense,l1_wavelet,ddim_project,ddim_replace")
+    p.add_argument("--ancestral", action="store_true", help="also run ancestral_project (many steps)")
+    p.add_argument("--ancestral_steps", type=int, default=0, help="respaced ancestral steps (0 = all T)")
+    p.add_argument("--ddim_steps", type=int, default=50)
+    p.add_argument("--num_samples", type=int, default=4, help="K posterior samples per slice")
+    p.add_argument("--t0", default="1.0", help="start time of the reverse chain (image_sample.py --t0)")
+    p.add_argument("--batch_size", type=int, default=0, help="image_sample.py --batch_size (0: its default)")
+    p.add_argument("--seed", type=int, default=0, help="image_sample.py --sample_seed")
+    p.add_argument("--sample_args", default="", help="extra flags for image_sample.py, one quoted string")
+    p.add_argument("--baseline_args", default="", help="extra flags for baseline_recon.py, one quoted string")
+    p.add_argument("--max_files", type=int, default=0, help="first N volumes per coil setting (0 = all)")
+    p.add_argument("--max_slices", type=int, default=0, help="central N slices per volume (0 = all)")
+    p.add_argument("--work_dir", default=os.path.join(REPO_ROOT, "recon_out", "benchmark"))
+    p.add_argument("--results_dir", default=os.path.join(REPO_ROOT, "results"))
+    p.add_argument("--figure_setting", default="", help="coil,acceleration of the figure (default: first)")
+    p.add_argument("--figure_slice", type=int, default=-1, help="slice of the figure's volume (-1: middle)")
+    p.add_argument("--overwrite", action="store_true", help="redo finished runs")
+    p.add_argument("--dry_run", action="store_true", help="print the commands only")
+    args = p.parse_args(argv)
+    args.coil_list = [c.strip() for c in args.coils.split(",") if c.strip()]
+    for c in args.coil_list:
+        if c not in TARGET_KEYS:
+            p.error(f"--coils: unknown {c!r}; choose from {sorted(TARGET_KEYS)}")
+    try:
+        args.acc_list = [int(a) for a in args.accelerations.split(",") if a.strip()]
+    except ValueError:
+        p.error(f"--accelerations must be integers, got {args.accelerations!r}")
+    for a in args.acc_list:
+        if a not in PROTOCOLS:
+            p.error(f"--accelerations: {a} has no protocol; choose from {sorted(PROTOCOLS)}")
+    if args.num_samples < 1:
+        p.error("--num_samples must be >= 1")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        methods = build_methods(args)
+    except ValueError as err:
+        print(f"recon_benchmark: error: {err}", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    input_dirs = {}
+    for coil in args.coil_list:
+        src = getattr(args, f"{coil}_dir") or os.path.join(args.data_dir, f"{coil}_val")
+        input_dirs[coil] = prepare_inputs(src, args.work_dir, coil, args.max_files, args.max_slices)
+    jobs = [
+        (coil, acc, m)
+        for coil in args.coil_list
+        for acc in args.acc_list
+        for m in methods
+        if not (m.name == "sense" and coil == "singlecoil")  # SENSE with one unit coil is zero-filled
+    ]
+    rows, per_volume = [], []
+    for coil, acc, m in tqdm(jobs, desc="recon_benchmark", unit="run", file=sys.stderr):
+        summary = run_method(m, coil, acc, input_dirs[coil], args.work_dir, args.overwrite, args.dry_run)
+        if summary is None:
+            continue
+        rows.append(summary_row(m, coil, acc, summary))
+        for v in summary["volumes"]:
+            per_volume.append(
+                {"method": m.name, "coil": coil, "acceleration": acc, **{k: v[k] for k in v if k != "corr"}}
+            )
+    if args.dry_run:
+        return 0
+
+    res = args.results_dir
+    recon_report.write_csv(rows, os.path.join(res, "recon_metrics.csv"))
+    _write_per_volume(per_volume, os.path.join(res, "recon_per_volume.csv"))
+    header = (
+        "Reconstruction benchmark (benchmarks/recon_benchmark.py): mean ± std over volumes; fastMRI "
+        "NMSE/PSNR/SSIM against reconstruction_esc (single-coil) and reconstruction_rss (multi-coil); "
+        "NFE per sample × K samples; r = per-slice Pearson correlation of the std map with |error| "
+        "(mean ± std over slices)."
+    )
+    recon_report.write_markdown_table(rows, os.path.join(res, "recon_table.md"), header)
+
+    fig_coil, fig_acc = args.coil_list[0], args.acc_list[0]
+    if args.figure_setting:
+        fig_coil, fig_acc_s = args.figure_setting.split(",")
+        fig_acc = int(fig_acc_s)
+    target, recons, stds, meta = figure_data(
+        args.work_dir, fig_coil, fig_acc, methods, input_dirs[fig_coil], args.figure_slice
+    )
+    gain = 5.0
+    recon_report.make_figure(
+        target,
+        recons,
+        stds,
+        os.path.join(res, "recon_figure.png"),
+        title=f"{meta['coil']}, {fig_acc}×, {meta['fname']} slice {meta['slice']}",
+        error_gain=gain,
+    )
+    meta["error_gain"] = gain
+
+    import torch
+
+    info: Dict[str, Any] = {
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "data": data_info(input_dirs),
+        "run": {
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__,
+            "num_samples": args.num_samples,
+            "t0": args.t0,
+            "ddim_steps": args.ddim_steps,
+            "ancestral_steps": args.ancestral_steps or "T",
+            "center_fraction_4x": PROTOCOLS[4][1],
+            "center_fraction_8x": PROTOCOLS[8][1],
+            "max_files": args.max_files,
+            "max_slices": args.max_slices,
+            "methods": [m.name for m in methods],
+            "command": " ".join(shlex.quote(a) for a in sys.argv),
+        },
+        "figure": meta,
+    }
+    if args.model_path:
+        info.update(training_info(args.model_path))
+    write_json(os.path.join(res, "benchmark_info.json"), info)
+    print(
+        f"[recon_benchmark] wrote {res}: recon_metrics.csv, recon_table.md, recon_figure.png, "
+        "benchmark_info.json"
+    )
+    return 0
+
+
+def _write_per_volume(rows: List[Dict[str, Any]], path: str) -> None:
+    fields = ["method", "coil", "acceleration", "file", "num_slices", "nmse", "psnr", "ssim"]
+    fields += ["seconds_per_slice", "nfe", "num_samples"]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

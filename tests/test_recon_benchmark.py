@@ -1,0 +1,212 @@
+"""Smoke tests of benchmarks/recon_benchmark.py and recon_report.py with tiny fake data and fake scripts.
+
+The real scripts need a trained model; here a stand-in script (same CLI shape, written into tmp) writes
+output volumes, so the orchestration, scoring, resuming and report files are tested in seconds.
+"""
+
+import csv
+import json
+import os
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "paper"))
+
+import recon_benchmark as rb  # noqa: E402
+import recon_report  # noqa: E402
+
+FAKE_SCRIPT = textwrap.dedent(
+    """
+    import argparse, os, h5py, numpy as np
+    p = argparse.ArgumentParser()
+    p.add_argument("--input", nargs="+")
+    p.add_argument("--output_dir")
+    p.add_argument("--overwrite", default="False")
+    p.add_argument("--num_samples", type=int, default=0)
+    args, _ = p.parse_known_args()
+    with open(os.path.join(os.path.dirname(__file__), "calls.txt"), "a") as f:
+        f.write(args.output_dir + "\\n")
+    os.makedirs(args.output_dir, exist_ok=True)
+    folder = args.input[0]
+    for name in sorted(os.listdir(folder)):
+        out = os.path.join(args.output_dir, name)
+        if os.path.exists(out) and args.overwrite != "True":
+            continue
+        with h5py.File(os.path.join(folder, name), "r") as f:
+            key = "reconstruction_rss" if f["kspace"].ndim == 4 else "reconstruction_esc"
+            target = f[key][()]
+        rng = np.random.default_rng(0)
+        err = 0.05 * rng.standard_normal(target.shape)
+        with h5py.File(out, "w") as f:
+            f["reconstruction"] = (target + err).astype(np.float32)
+            f["reconstruction_std"] = (np.abs(err) + 0.01 * rng.random(target.shape)).astype(np.float32)
+            f.attrs["nfe"] = 7 if args.num_samples else 0
+            f.attrs["num_samples"] = args.num_samples
+            f.attrs["seconds_per_slice"] = 0.25
+    """
+)
+
+
+def make_volume(path, slices=4, coils=0, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (slices, coils, size, size) if coils else (slices, size, size)
+    kspace = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    target = rng.random((slices, size, size)).astype(np.float32) + 0.5
+    with h5py.File(path, "w") as f:
+        f["kspace"] = kspace
+        f["reconstruction_rss" if coils else "reconstruction_esc"] = target
+        f.attrs["acquisition"] = "fake"
+
+
+@pytest.fixture
+def fake_env(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    for coil, coils in (("singlecoil", 0), ("multicoil", 3)):
+        (data / f"{coil}_val").mkdir(parents=True)
+        for i in range(2):
+            make_volume(data / f"{coil}_val" / f"vol{i}.h5", coils=coils, seed=i)
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    for name in ("baseline_recon.py", "image_sample.py"):
+        (scripts / name).write_text(FAKE_SCRIPT)
+    monkeypatch.setattr(rb, "SCRIPTS", str(scripts))
+    return tmp_path
+
+
+def calls(tmp_path):
+    path = tmp_path / "scripts" / "calls.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_std_error_correlation():
+    rng = np.random.default_rng(0)
+    err = rng.random((3, 8, 8))
+    r = recon_report.std_error_correlation(2 * err + 1, err)
+    np.testing.assert_allclose(r, 1.0)
+    r = recon_report.std_error_correlation(-err, err)
+    np.testing.assert_allclose(r, -1.0)
+    assert np.isnan(recon_report.std_error_correlation(np.ones((8, 8)), err[0]))[0]
+    with pytest.raises(ValueError, match="shape"):
+        recon_report.std_error_correlation(err, err[0])
+
+
+def test_summarize_mean_std_over_volumes():
+    kwargs = dict(
+        method="m",
+        label="M",
+        coil="singlecoil",
+        acceleration=4,
+        mask="random",
+        center_fraction=0.08,
+        target="reconstruction_esc",
+        per_volume=[{"nmse": 0.1, "psnr": 20.0, "ssim": 0.5}, {"nmse": 0.3, "psnr": 22.0, "ssim": 0.7}],
+        num_slices=8,
+        nfe=10,
+        num_samples=2,
+        sec_per_slice=1.5,
+        corr_per_slice=[0.2, 0.4, float("nan")],
+    )
+    row = recon_report.summarize(**kwargs)
+    assert row["psnr_mean"] == pytest.approx(21.0) and row["psnr_std"] == pytest.approx(1.0)
+    assert row["std_err_corr_mean"] == pytest.approx(0.3)  # NaN slices are left out
+    with pytest.raises(ValueError, match="no volumes"):
+        recon_report.summarize(**{**kwargs, "per_volume": []})
+
+
+def test_subset_keeps_central_slices_and_name(tmp_path):
+    make_volume(tmp_path / "a.h5", slices=7)
+    out = rb.prepare_inputs(str(tmp_path), str(tmp_path / "work"), "singlecoil", max_files=1, max_slices=3)
+    with h5py.File(os.path.join(out, "a.h5"), "r") as f, h5py.File(tmp_path / "a.h5", "r") as g:
+        np.testing.assert_array_equal(f["kspace"][()], g["kspace"][2:5])
+        np.testing.assert_array_equal(f["reconstruction_esc"][()], g["reconstruction_esc"][2:5])
+        assert f.attrs["acquisition"] == "fake"
+    assert rb.prepare_inputs(str(tmp_path), str(tmp_path / "w"), "singlecoil", 0, 0) == str(tmp_path)
+
+
+def test_benchmark_end_to_end_with_fake_scripts(fake_env, tmp_path):
+    results = tmp_path / "results"
+    argv = [
+        "--data_dir",
+        str(fake_env / "data"),
+        "--work_dir",
+        str(tmp_path / "work"),
+        "--results_dir",
+        str(results),
+        "--methods",
+        "zero_filled,sense,ddim_project",
+        "--model_path",
+        "unused.pt",
+        "--num_samples",
+        "2",
+        "--max_slices",
+        "2",
+    ]
+    # training_info needs a real checkpoint; the fake run has none, so skip it here (tested below)
+    rb_main = rb.main
+    orig = rb.training_info
+    rb.training_info = lambda path: {"model": {}, "training": {}}
+    try:
+        assert rb_main(argv) == 0
+    finally:
+        rb.training_info = orig
+    with open(results / "recon_metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # sense is not run single-coil: 2 coils x 2 accelerations x 3 methods - 2
+    assert len(rows) == 10
+    assert set(rows[0]) == set(recon_report.CSV_COLUMNS)
+    ddim = [r for r in rows if r["method"] == "ddim_project"]
+    assert all(r["nfe"] == "7" and r["num_samples"] == "2" for r in ddim)
+    assert all(float(r["std_err_corr_mean"]) > 0.5 for r in ddim)  # the fake std follows the fake error
+    assert all(r["std_err_corr_mean"] == "" for r in rows if r["method"] == "zero_filled")
+    assert {r["target"] for r in rows} == {"reconstruction_esc", "reconstruction_rss"}
+    assert all(r["num_slices"] == "4" and r["num_volumes"] == "2" for r in rows)
+    for name in ("recon_table.md", "recon_figure.png", "benchmark_info.json", "recon_per_volume.csv"):
+        assert (results / name).stat().st_size > 0
+    info = json.loads((results / "benchmark_info.json").read_text())
+    assert info["data"]["multicoil"]["coils"] == 3 and info["data"]["singlecoil"]["slices"] == 4
+    n_calls = len(calls(fake_env))
+    assert n_calls == 10
+
+    # resumable: a second run reuses every finished run
+    rb.training_info = lambda path: {"model": {}, "training": {}}
+    try:
+        assert rb_main(argv) == 0
+        assert len(calls(fake_env)) == n_calls
+        # a changed option (K) reruns the diffusion method only, with --overwrite
+        assert rb_main(argv[:-4] + ["--num_samples", "3", "--max_slices", "2"]) == 0
+    finally:
+        rb.training_info = orig
+    assert len(calls(fake_env)) == n_calls + 4
+
+
+def test_training_info_from_checkpoint(tmp_path):
+    torch = pytest.importorskip("torch")
+    from improved_diffusion.script_util import save_config
+
+    log = tmp_path / "log"
+    save_config(
+        {"image_size": 16, "num_channels": 8, "batch_size": 2, "lr": 1e-4, "ema_rate": "0.999"}, str(log)
+    )
+    torch.save({"w": torch.zeros(10, 3), "b": torch.zeros(5)}, log / "ema_0.999_000120.pt")
+    with open(log / "progress.csv", "w") as f:
+        f.write("step,loss,time_elapsed\n60,1.0,30\n120,0.5,72\n")
+    info = rb.training_info(str(log / "ema_0.999_000120.pt"))
+    assert info["model"]["params"] == 35 and info["training"]["steps"] == 120
+    assert info["training"]["wall_hours"] == pytest.approx(0.02)
+    assert "progress.csv" in info["training"]["wall_time_source"]
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit):
+        rb.parse_args(["--accelerations", "5"])
+    args = rb.parse_args(["--methods", "ddim_project"])
+    with pytest.raises(ValueError, match="model_path"):
+        rb.build_methods(args)
+    with pytest.raises(ValueError, match="unknown"):
+        rb.build_methods(rb.parse_args(["--methods", "nope"]))
