@@ -493,10 +493,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max_slices", type=int, default=0, help="central N slices per volume (0 = all)")
     p.add_argument("--work_dir", default=os.path.join(REPO_ROOT, "recon_out", "benchmark"))
     p.add_argument("--results_dir", default=os.path.join(REPO_ROOT, "results"))
-    p.add_argument("--figure_setting", default="", help="coil,acceleration of the figure (default: first)")
+    p.add_argument(
+        "--figure_setting",
+        default="",
+        help="coil,acceleration of the figure, e.g. singlecoil,8 (default: multi-coil, first R)",
+    )
     p.add_argument("--figure_slice", type=int, default=-1, help="slice of the figure's volume (-1: middle)")
     p.add_argument("--overwrite", action="store_true", help="redo finished runs")
     p.add_argument("--dry_run", action="store_true", help="print the commands only")
+    p.add_argument(
+        "--keep_going", action="store_true", help="after a failed run, go on; write the others; exit 1"
+    )
     args = p.parse_args(argv)
     args.coil_list = [c.strip() for c in args.coils.split(",") if c.strip()]
     for c in args.coil_list:
@@ -511,6 +518,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error(f"--accelerations: {a} has no protocol; choose from {sorted(PROTOCOLS)}")
     if args.num_samples < 1:
         p.error("--num_samples must be >= 1")
+    if args.figure_setting:
+        coil, _, acc = args.figure_setting.partition(",")
+        if coil not in args.coil_list or not acc.strip().isdigit() or int(acc) not in args.acc_list:
+            p.error(f"--figure_setting {args.figure_setting!r}: expected '<coil>,<R>' among the settings run")
     return args
 
 
@@ -534,9 +545,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for m in methods
         if not (m.name == "sense" and coil == "singlecoil")  # SENSE with one unit coil is zero-filled
     ]
-    rows, per_volume = [], []
+    rows, per_volume, failed = [], [], []
     for coil, acc, m in tqdm(jobs, desc="recon_benchmark", unit="run", file=sys.stderr):
-        summary = run_method(m, coil, acc, input_dirs[coil], args.work_dir, args.overwrite, args.dry_run)
+        try:
+            summary = run_method(m, coil, acc, input_dirs[coil], args.work_dir, args.overwrite, args.dry_run)
+        except (RuntimeError, ValueError) as err:
+            print(f"recon_benchmark: error: {err}", file=sys.stderr)
+            if not args.keep_going:
+                return 1
+            failed.append(f"{coil} {acc}x {m.name}")
+            continue
         if summary is None:
             continue
         rows.append(summary_row(m, coil, acc, summary))
@@ -546,6 +564,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
     if args.dry_run:
         return 0
+    if not rows:
+        print("recon_benchmark: error: no run finished; nothing written", file=sys.stderr)
+        return 1
 
     res = args.results_dir
     recon_report.write_csv(rows, os.path.join(res, "recon_metrics.csv"))
@@ -558,7 +579,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     recon_report.write_markdown_table(rows, os.path.join(res, "recon_table.md"), header)
 
-    fig_coil, fig_acc = args.coil_list[0], args.acc_list[0]
+    # default: multi-coil (the setting where every method, SENSE included, runs), first acceleration
+    fig_coil = "multicoil" if "multicoil" in args.coil_list else args.coil_list[0]
+    fig_acc = args.acc_list[0]
     if args.figure_setting:
         fig_coil, fig_acc_s = args.figure_setting.split(",")
         fig_acc = int(fig_acc_s)
@@ -599,11 +622,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     if args.model_path:
         info.update(training_info(args.model_path))
+    if failed:
+        info["run"]["failed"] = failed
     write_json(os.path.join(res, "benchmark_info.json"), info)
     print(
         f"[recon_benchmark] wrote {res}: recon_metrics.csv, recon_table.md, recon_figure.png, "
         "benchmark_info.json"
     )
+    if failed:
+        print(f"recon_benchmark: {len(failed)} run(s) failed and are missing from the results: {failed}")
+        return 1
     return 0
 
 
