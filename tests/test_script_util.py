@@ -1,0 +1,194 @@
+"""Tests for improved_diffusion.script_util (defaults, factories, flags, config files)."""
+
+import argparse
+import json
+import os
+
+import pytest
+import torch
+
+from improved_diffusion import gaussian_diffusion as gd
+from improved_diffusion.respace import SpacedDiffusion
+from improved_diffusion.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model,
+    create_model_and_diffusion,
+    default_channel_mult,
+    load_config,
+    model_and_diffusion_defaults,
+    save_config,
+    str2bool,
+)
+from improved_diffusion.unet import UNetModel
+
+UPSTREAM_KEYS = {
+    "image_size",
+    "num_channels",
+    "num_res_blocks",
+    "num_heads",
+    "num_heads_upsample",
+    "attention_resolutions",
+    "dropout",
+    "learn_sigma",
+    "sigma_small",
+    "class_cond",
+    "diffusion_steps",
+    "noise_schedule",
+    "timestep_respacing",
+    "use_kl",
+    "predict_xstart",
+    "rescale_timesteps",
+    "rescale_learned_sigmas",
+    "use_checkpoint",
+    "use_scale_shift_norm",
+}
+
+
+def _tiny(**overrides):
+    cfg = model_and_diffusion_defaults()
+    cfg.update(
+        image_size=16,
+        num_channels=16,
+        num_res_blocks=1,
+        num_heads=2,
+        attention_resolutions="8",
+        diffusion_steps=50,
+        channel_mult="1,2",
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def test_defaults_keys_and_mri_values():
+    d = model_and_diffusion_defaults()
+    assert set(d) == UPSTREAM_KEYS | {"in_channels", "channel_mult"}
+    assert d["image_size"] == 128 and d["learn_sigma"] is True and d["noise_schedule"] == "cosine"
+    assert d["in_channels"] == 2 and d["channel_mult"] == ""
+
+
+def test_create_model_and_diffusion_tiny():
+    model, diffusion = create_model_and_diffusion(**_tiny())
+    assert isinstance(model, UNetModel) and isinstance(diffusion, SpacedDiffusion)
+    assert model.in_channels == 2 and model.out_channels == 4  # learn_sigma doubles the output channels
+    assert model.channel_mult == (1, 2) and model.attention_resolutions == (2,)  # 16 // 8
+    assert diffusion.num_timesteps == 50
+    assert diffusion.model_var_type == gd.ModelVarType.LEARNED_RANGE
+    assert diffusion.loss_type == gd.LossType.RESCALED_MSE
+    assert diffusion.model_mean_type == gd.ModelMeanType.EPSILON
+    out = model(torch.randn(1, 2, 13, 10), torch.tensor([3]))
+    assert out.shape == (1, 4, 13, 10)
+
+    _, d2 = create_model_and_diffusion(
+        **_tiny(
+            timestep_respacing="ddim10", learn_sigma=False, sigma_small=True, predict_xstart=True, use_kl=True
+        )
+    )
+    assert d2.num_timesteps == 10 and d2.timestep_map == list(range(0, 50, 5))
+    assert d2.model_var_type == gd.ModelVarType.FIXED_SMALL
+    assert d2.model_mean_type == gd.ModelMeanType.START_X and d2.loss_type == gd.LossType.RESCALED_KL
+    _, d3 = create_model_and_diffusion(**_tiny(learn_sigma=False, rescale_learned_sigmas=False))
+    assert d3.model_var_type == gd.ModelVarType.FIXED_LARGE and d3.loss_type == gd.LossType.MSE
+
+
+def test_create_model_and_diffusion_rejects_bad_keys():
+    cfg = _tiny()
+    cfg["lr"] = 1e-4
+    with pytest.raises(ValueError, match=r"unknown keys \['lr'\]"):
+        create_model_and_diffusion(**cfg)
+    cfg = _tiny()
+    del cfg["in_channels"]
+    with pytest.raises(ValueError, match=r"missing keys \['in_channels'\]"):
+        create_model_and_diffusion(**cfg)
+
+
+def test_channel_mult_auto_and_override():
+    assert default_channel_mult(256) == (1, 1, 2, 2, 4, 4)
+    assert default_channel_mult(320) == (1, 1, 2, 2, 4, 4)
+    assert default_channel_mult(128) == (1, 1, 2, 3, 4)
+    assert default_channel_mult(64) == (1, 2, 3, 4)
+    assert default_channel_mult(32) == (1, 2, 2, 2)
+    assert default_channel_mult(16) == (1, 2, 2, 2)
+    model = create_model(
+        32,
+        8,
+        1,
+        learn_sigma=False,
+        class_cond=False,
+        use_checkpoint=False,
+        attention_resolutions="16",
+        num_heads=1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+        dropout=0.0,
+        in_channels=3,
+        channel_mult="",
+    )
+    assert model.channel_mult == (1, 2, 2, 2) and model.out_channels == 3 and model.in_channels == 3
+    model, _ = create_model_and_diffusion(
+        **_tiny(image_size=32, channel_mult="1,2,2", attention_resolutions="16")
+    )
+    assert model.channel_mult == (1, 2, 2)
+    with pytest.raises(ValueError, match="channel_mult"):
+        create_model_and_diffusion(**_tiny(channel_mult="1,x"))
+
+
+def test_unreachable_attention_resolution_raises():
+    with pytest.raises(ValueError, match="attention_resolutions"):
+        create_model_and_diffusion(**_tiny(attention_resolutions="4"))  # 16 // 4 = 4 > 2 levels reach
+    with pytest.raises(ValueError, match="attention_resolutions"):
+        create_model_and_diffusion(**_tiny(attention_resolutions="5"))
+
+
+def test_argparser_round_trip():
+    parser = argparse.ArgumentParser()
+    defaults = model_and_diffusion_defaults()
+    add_dict_to_argparser(parser, defaults)
+    args = parser.parse_args(["--learn_sigma", "False", "--num_channels", "64", "--channel_mult", "1,2,2"])
+    d = args_to_dict(args, defaults.keys())
+    assert d["learn_sigma"] is False and d["num_channels"] == 64 and d["channel_mult"] == "1,2,2"
+    assert d["dropout"] == 0.0 and isinstance(d["dropout"], float)
+    assert args_to_dict(d, ["num_channels"]) == {"num_channels": 64}
+    for text, value in [
+        ("yes", True),
+        ("T", True),
+        ("1", True),
+        ("no", False),
+        ("false", False),
+        ("0", False),
+    ]:
+        assert str2bool(text) is value
+    with pytest.raises(argparse.ArgumentTypeError):
+        str2bool("maybe")
+
+
+def test_save_and_load_config(tmp_path):
+    cfg = _tiny()
+    log_dir = tmp_path / "run"
+    path = save_config(cfg, str(log_dir))
+    assert path == str(log_dir / "config.json")
+    assert os.listdir(log_dir) == ["config.json"]  # no temp files left behind
+    assert json.loads((log_dir / "config.json").read_text()) == cfg
+    ckpt = log_dir / "ema_0.9999_000100.pt"
+    ckpt.write_bytes(b"")
+    for where in (str(log_dir), str(ckpt), path):
+        assert load_config(where) == cfg
+    model, diffusion = create_model_and_diffusion(**load_config(str(ckpt)))
+    assert model.out_channels == 4 and diffusion.num_timesteps == 50
+
+    # Overwrite keeps the file valid.
+    save_config(dict(cfg, num_channels=32), str(log_dir))
+    assert load_config(str(log_dir))["num_channels"] == 32
+
+
+def test_load_config_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_config(str(tmp_path / "model.pt"))
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        load_config(str(tmp_path))
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_config(str(tmp_path))
+    with pytest.raises(ValueError, match="JSON-serializable"):
+        save_config({"x": object()}, str(tmp_path / "other"))
