@@ -202,7 +202,7 @@ def replace(
     return x_noisy + op.adjoint(y_t - op.forward(x_noisy))
 
 
-def final_data_consistency(x: torch.Tensor, op: MeasurementOperator, cg_iters: int = 30) -> torch.Tensor:
+def final_data_consistency(x: torch.Tensor, op: MeasurementOperator, cg_iters: int = 100) -> torch.Tensor:
     """The last, exact DC step on a finished sample (complex images ``(B, H, W)``).
 
     Single-coil: exact replacement of the sampled k-space. Multi-coil: ``cg_iters`` conjugate-gradient
@@ -214,7 +214,7 @@ def final_data_consistency(x: torch.Tensor, op: MeasurementOperator, cg_iters: i
     dtype = x.dtype
     op64 = MeasurementOperator(op.y.to(torch.complex128), op.mask.double(), op.maps.to(torch.complex128))
     x64 = x.to(torch.complex128)
-    out = conjugate_gradient(op64.normal, op64.adjoint(op64.y), x64, cg_iters, tol=1e-10)
+    out = conjugate_gradient(op64.normal, op64.adjoint(op64.y), x64, cg_iters, tol=1e-8)
     return out.to(dtype)
 
 
@@ -292,7 +292,7 @@ class DiffusionDataConsistency:
         x = replace(channels_to_complex(x_prev.float()), self.op, alpha_bar)
         return complex_to_channels(x).to(x_prev.dtype)
 
-    def final(self, x: torch.Tensor, cg_iters: int = 30) -> torch.Tensor:
+    def final(self, x: torch.Tensor, cg_iters: int = 100) -> torch.Tensor:
         """The exact final DC on complex samples ``(B, H, W)`` (identity for mode ``none``)."""
         if self.mode == "none":
             return x

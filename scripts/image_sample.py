@@ -1,0 +1,251 @@
+"""Reconstruct undersampled MRI with a trained diffusion prior (posterior sampling with data consistency).
+
+Model and diffusion options come from the checkpoint's config.json (written at training time), never from
+flags; only sampling options are flags. Fully sampled inputs are undersampled retrospectively with the
+mask flags; inputs that carry a ``mask`` are used as they are. See docs/reconstruction.md.
+
+Example:
+    python scripts/image_sample.py --model_path logs/demo/ema_0.999_003000.pt --input demo_data/val \
+        --output_dir recon_out/diffusion --mask_type random --accelerations 4 --center_fractions 0.08 \
+        --use_ddim True --timestep_respacing 100 --t0 0.2 --num_samples 4
+Distributed: ``mpiexec -n 2 python scripts/image_sample.py ...`` or ``torchrun --nproc_per_node 2 ...``
+(slices are sharded over ranks; rank 0 writes).
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from improved_diffusion import dist_util
+from improved_diffusion.fastmri_data import BadFileError
+from improved_diffusion.recon_io import (
+    SliceOutput,
+    Volume,
+    list_inputs,
+    mask_spec_from_args,
+    print_report,
+    run_files,
+    seed_for_slice,
+)
+from improved_diffusion.reconstruction import ReconOptions, reconstruct_slice
+from improved_diffusion.script_util import (
+    add_dict_to_argparser,
+    create_model_and_diffusion,
+    load_config,
+    model_and_diffusion_defaults,
+    str2bool,
+)
+
+# Model/diffusion keys a user may change at sampling time (they do not change the network).
+SAMPLING_KEYS = ("timestep_respacing",)
+
+
+def sample_defaults() -> Dict[str, Any]:
+    """Every flag of this script (besides ``--input``) with its default."""
+    return dict(
+        model_path="",
+        output_dir="recon_out",
+        # retrospective undersampling of fully sampled inputs (fastMRI's names and defaults for knee 4x)
+        mask_type="random",
+        center_fractions="0.08",
+        accelerations="4",
+        seed=-1,  # mask seed; -1 = fastMRI's per-file seed from the file name
+        # sampling
+        use_ddim=False,
+        timestep_respacing="",
+        eta=0.0,
+        t0="1.0",
+        num_samples=1,
+        batch_size=0,
+        sample_seed=0,
+        # data consistency
+        dc="project",
+        gamma=0.0,
+        cg_iters=5,
+        final_dc=True,
+        final_cg_iters=100,
+        clip="magnitude",
+        clip_value=1.0,
+        # outputs
+        overwrite=False,
+        png=True,
+        max_png_per_file=4,
+        progress=True,
+    )
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--input", nargs="+", required=True, help="h5 files and/or folders of h5 files")
+    add_dict_to_argparser(parser, sample_defaults())
+    return parser
+
+
+def _unknown_flags(tokens: Sequence[str]) -> List[Tuple[str, Optional[str]]]:
+    """``["--a", "1", "--b=2", "x"]`` -> ``[("a", "1"), ("b", "2"), (None, "x")]`` (stray values get None)."""
+    out, i = [], 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("--"):
+            key, eq, value = tok[2:].partition("=")
+            if not eq:
+                value = tokens[i + 1] if i + 1 < len(tokens) and not tokens[i + 1].startswith("--") else None
+                i += 0 if value is None else 1
+            out.append((key, value))
+        else:
+            out.append((None, tok))
+        i += 1
+    return out
+
+
+def check_model_flags(unknown: Sequence[str], config: Dict[str, Any], config_path: str) -> None:
+    """Model flags on the command line must agree with the checkpoint's config (else a clear error)."""
+    defaults = model_and_diffusion_defaults()
+    for key, value in _unknown_flags(unknown):
+        if key is None or key not in defaults:
+            shown = f"--{key}" if key is not None else value
+            raise ValueError(f"unrecognized argument {shown!r} (see --help)")
+        want = config.get(key, defaults[key])
+        try:
+            given = str2bool(value) if isinstance(defaults[key], bool) else type(defaults[key])(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            given = value
+        if given != want:
+            raise ValueError(
+                f"--{key} {value} conflicts with the checkpoint's config {config_path} ({key}={want!r}); "
+                "model flags come from the checkpoint's config.json, drop the flag"
+            )
+
+
+def load_model(model_path: str, timestep_respacing: str, device: torch.device):
+    """The checkpoint's model (eval mode, on ``device``) and its diffusion respaced for sampling.
+
+    Returns:
+        ``(model, diffusion, config)``.
+    """
+    if not model_path:
+        raise ValueError("--model_path is required (a checkpoint .pt with config.json beside it)")
+    config = load_config(model_path)
+    keys = model_and_diffusion_defaults().keys()
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise ValueError(f"{model_path}: config.json lacks model keys {missing}")
+    options = {k: config[k] for k in keys}
+    if int(options["in_channels"]) != 2:
+        raise ValueError(
+            f"{model_path}: config has in_channels={options['in_channels']}, but reconstruction feeds "
+            "complex images as 2 channels (real, imaginary)"
+        )
+    if options["class_cond"]:
+        raise ValueError(f"{model_path}: class-conditional models are not supported for reconstruction")
+    options["timestep_respacing"] = timestep_respacing
+    model, diffusion = create_model_and_diffusion(**options)
+    state = dist_util.load_state_dict(model_path, map_location="cpu")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise ValueError(
+            f"{model_path}: weights do not match the model built from its config.json ({first[0]} "
+            f"{first[1].strip() if len(first) > 1 else ''})"
+        ) from None
+    model.to(device)
+    model.eval()
+    return model, diffusion, config
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = create_argparser()
+    args, unknown = parser.parse_known_args(argv)
+    dist_util.setup_dist()
+    try:
+        paths = list_inputs(args.input)
+        spec = mask_spec_from_args(args)
+        config_path = args.model_path
+        config = load_config(args.model_path) if args.model_path else {}
+        check_model_flags(unknown, config, config_path)
+        options = ReconOptions(
+            dc=args.dc,
+            sampler="ddim" if args.use_ddim else "ancestral",
+            t0=args.t0,
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            gamma=args.gamma,
+            cg_iters=args.cg_iters,
+            final_dc=args.final_dc,
+            final_cg_iters=args.final_cg_iters,
+            clip=args.clip,
+            clip_value=args.clip_value,
+            eta=args.eta,
+        )
+        options.validate()
+        model, diffusion, config = load_model(args.model_path, args.timestep_respacing, dist_util.dev())
+
+        def reconstruct(volume: Volume, slice_idx: int, kspace, maps) -> SliceOutput:
+            opts = dataclasses.replace(options, seed=seed_for_slice(args.sample_seed, volume.name, slice_idx))
+            try:
+                r = reconstruct_slice(
+                    torch.from_numpy(kspace),
+                    torch.from_numpy(volume.mask),
+                    model,
+                    diffusion,
+                    maps=maps,
+                    options=opts,
+                )
+            except ValueError as err:
+                raise BadFileError(f"{volume.path}: slice {slice_idx}: {err}") from None
+            return SliceOutput(
+                mean=r.mean.numpy(),
+                std=r.std.numpy(),
+                zero_filled=r.zero_filled.numpy(),
+                seconds=0.0,
+                nfe=r.nfe,
+                residual=r.residual,
+            )
+
+        method_attrs = {
+            "method": "diffusion",
+            "checkpoint": os.path.abspath(args.model_path),
+            "sampler": options.sampler,
+            "timestep_respacing": args.timestep_respacing or str(config["diffusion_steps"]),
+            "t0": str(args.t0),
+            "dc": options.dc,
+            "gamma": options.gamma,
+            "cg_iters": options.cg_iters,
+            "final_dc": options.final_dc,
+            "final_cg_iters": options.final_cg_iters,
+            "clip": options.clip,
+            "clip_value": options.clip_value,
+            "eta": options.eta,
+            "num_samples": options.num_samples,
+            "sample_seed": args.sample_seed,
+        }
+        result = run_files(
+            paths,
+            spec,
+            args.output_dir,
+            reconstruct,
+            method_attrs,
+            overwrite=args.overwrite,
+            png=args.png,
+            max_png_per_file=args.max_png_per_file,
+            progress=args.progress,
+        )
+    except (BadFileError, ValueError, FileNotFoundError) as err:
+        if dist_util.is_main_process():
+            for line in str(err).splitlines():
+                print(f"error: {line}", file=sys.stderr)
+        return 2
+    if dist_util.is_main_process():
+        print_report(result, args.output_dir, f"diffusion ({options.sampler}, dc={options.dc})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

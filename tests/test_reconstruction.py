@@ -1,0 +1,182 @@
+"""reconstruct_slice: oracle and identity cases, every sampler x DC mode, K samples, start time t0."""
+
+import numpy as np
+import pytest
+import torch
+
+from improved_diffusion.fastmri_data import scale_from_kspace
+from improved_diffusion.mri.fftc import complex_to_channels, fft2c
+from improved_diffusion.reconstruction import ReconOptions, reconstruct_slice, resolve_start_step
+from improved_diffusion.script_util import (
+    create_gaussian_diffusion,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+
+H, W, COILS = 16, 20, 3
+
+
+def _phantom(h=H, w=W):
+    """A smooth complex ellipse with a phase ramp (normalized magnitudes stay well inside [-1, 1])."""
+    yy, xx = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
+    )
+    inside = ((yy - h / 2) / (0.35 * h)) ** 2 + ((xx - w / 2) / (0.4 * w)) ** 2 < 1
+    mag = inside.float() * (1.0 + 0.5 * torch.cos(xx / 3.0))
+    return torch.polar(mag, 0.4 * xx / w).to(torch.complex64)
+
+
+def _maps(coils=COILS, h=H, w=W):
+    yy, xx = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
+    )
+    maps = torch.stack(
+        [
+            torch.polar(
+                torch.exp(-((yy - h * (c % 2)) ** 2 + (xx - w * (c // 2)) ** 2) / 300.0), 0.2 * c + 0 * xx
+            )
+            for c in range(coils)
+        ]
+    ).to(torch.complex64)
+    return maps / torch.sqrt((maps.abs() ** 2).sum(0, keepdim=True))
+
+
+def _mask(w=W):
+    mask = torch.zeros(w)
+    mask[::3] = 1
+    mask[w // 2 - 2 : w // 2 + 2] = 1
+    return mask
+
+
+def _data(multicoil, full=False):
+    x = _phantom()
+    mask = torch.ones(W) if full else _mask()
+    maps = _maps() if multicoil else None
+    kspace = mask * (fft2c(maps * x) if multicoil else fft2c(x))
+    return x, kspace, mask, maps
+
+
+class _Oracle:
+    """A fake x0-predicting network that always returns a fixed clean image (in normalized units)."""
+
+    def __init__(self, image):
+        self.x0 = complex_to_channels(image)[None]
+
+    def __call__(self, x, t, **kwargs):
+        return self.x0.expand(x.shape[0], -1, -1, -1).to(x.device)
+
+
+def _oracle_diffusion(respacing="5"):
+    return create_gaussian_diffusion(
+        steps=20, noise_schedule="cosine", predict_xstart=True, timestep_respacing=respacing
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    cfg = model_and_diffusion_defaults()
+    cfg.update(
+        image_size=16,
+        num_channels=8,
+        num_res_blocks=1,
+        attention_resolutions="",
+        diffusion_steps=20,
+        channel_mult="1,2",
+        num_heads=1,
+        timestep_respacing="4",
+    )
+    torch.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**cfg)
+    return model.eval(), diffusion
+
+
+@pytest.mark.parametrize("multicoil", [False, True])
+@pytest.mark.parametrize("sampler", ["ddim", "ancestral"])
+@pytest.mark.parametrize("dc", ["project", "replace", "none"])
+def test_oracle_denoiser_gives_ground_truth(multicoil, sampler, dc):
+    x, kspace, mask, maps = _data(multicoil)
+    scale = scale_from_kspace(kspace, maps)
+    model = _Oracle(x / scale)
+    opts = ReconOptions(dc=dc, sampler=sampler, num_samples=2, clip="none", t0="1.0")
+    out = reconstruct_slice(kspace, mask, model, _oracle_diffusion(), maps=maps, options=opts, scale=scale)
+    assert torch.allclose(out.mean, x, atol=1e-4 * x.abs().max())
+    if dc != "none":
+        assert out.residual < 1e-4
+
+
+def test_identity_zero_filled_passes_through():
+    x, kspace, mask, _ = _data(False)
+    zf = torch.fft.ifftshift(torch.fft.ifft2(torch.fft.fftshift(kspace), norm="ortho"))
+    scale = scale_from_kspace(kspace)
+    for dc in ("project", "replace"):
+        opts = ReconOptions(dc=dc, sampler="ddim", clip="none")
+        out = reconstruct_slice(kspace, mask, _Oracle(zf / scale), _oracle_diffusion(), options=opts)
+        assert torch.allclose(out.zero_filled, zf, atol=1e-5 * zf.abs().max())
+        assert torch.allclose(out.mean, zf, atol=1e-4 * zf.abs().max())
+
+
+@pytest.mark.parametrize("multicoil", [False, True])
+@pytest.mark.parametrize("sampler", ["ddim", "ancestral"])
+@pytest.mark.parametrize("dc", ["project", "replace", "none"])
+def test_every_sampler_and_dc_runs_on_a_tiny_model(tiny_model, multicoil, sampler, dc):
+    model, diffusion = tiny_model
+    _, kspace, mask, maps = _data(multicoil)
+    opts = ReconOptions(dc=dc, sampler=sampler, num_samples=2, t0="1.0", cg_iters=3, final_cg_iters=300)
+    out = reconstruct_slice(kspace, mask, model, diffusion, maps=maps, options=opts)
+    assert out.mean.shape == (H, W) and out.mean.is_complex()
+    assert out.std.shape == (H, W) and not out.std.is_complex()
+    assert torch.isfinite(out.mean).all() and torch.isfinite(out.std).all()
+    assert out.nfe == diffusion.num_timesteps and out.num_samples == 2
+    if dc != "none":
+        assert out.residual < 1e-4  # consistent measurements: the final DC is exact
+
+
+def test_std_is_zero_on_fully_sampled_input(tiny_model):
+    model, diffusion = tiny_model
+    for multicoil in (False, True):
+        x, kspace, mask, maps = _data(multicoil, full=True)
+        opts = ReconOptions(num_samples=3, sampler="ancestral", final_cg_iters=300)
+        out = reconstruct_slice(kspace, mask, model, diffusion, maps=maps, options=opts)
+        assert out.std.shape == (H, W)
+        assert out.std.max() < 1e-3 * x.abs().max()
+        assert torch.allclose(out.mean, x, atol=1e-3 * x.abs().max())
+
+
+def test_samples_differ_on_undersampled_input_and_seed_is_reproducible(tiny_model):
+    model, diffusion = tiny_model
+    _, kspace, mask, _ = _data(False)
+    opts = ReconOptions(num_samples=3, sampler="ancestral", seed=7, batch_size=2)
+    a = reconstruct_slice(kspace, mask, model, diffusion, options=opts)
+    b = reconstruct_slice(kspace, mask, model, diffusion, options=opts)
+    assert torch.equal(a.mean, b.mean) and a.std.max() > 0
+    assert a.nfe == diffusion.num_timesteps  # per sample, though the K samples ran in 2 batches
+
+
+def test_start_time_t0(tiny_model):
+    model, diffusion = tiny_model  # 20 base steps respaced to 4: timestep_map [0, 6, 13, 19]
+    assert list(diffusion.timestep_map) == [0, 6, 13, 19]
+    assert resolve_start_step("1.0", diffusion) == 3
+    assert resolve_start_step(1.0, diffusion) == 3
+    assert resolve_start_step("0.5", diffusion) == 1  # base step 9 -> last kept step <= 9 is 6
+    assert resolve_start_step("13", diffusion) == 2
+    assert resolve_start_step("0", diffusion) == 0
+    for bad in ("1.5", "0.0", "20", "-1", "abc"):
+        with pytest.raises(ValueError, match="t0"):
+            resolve_start_step(bad, diffusion)
+    _, kspace, mask, _ = _data(False)
+    out = reconstruct_slice(kspace, mask, model, diffusion, options=ReconOptions(t0="0.5"))
+    assert out.nfe == 2 and out.start_step == 1
+
+
+def test_bad_options_and_inputs(tiny_model):
+    model, diffusion = tiny_model
+    _, kspace, mask, maps = _data(True)
+    with pytest.raises(ValueError, match="dc must be"):
+        reconstruct_slice(kspace, mask, model, diffusion, maps=maps, options=ReconOptions(dc="bogus"))
+    with pytest.raises(ValueError, match="sensitivity maps"):
+        reconstruct_slice(kspace, mask, model, diffusion, maps=maps[:2])
+    with pytest.raises(ValueError, match="mask"):
+        reconstruct_slice(kspace, torch.ones(W + 1), model, diffusion, maps=maps, scale=1.0)
+    with pytest.raises(ValueError, match="complex"):
+        reconstruct_slice(kspace.abs(), mask, model, diffusion, maps=maps)
+    assert np.isfinite(reconstruct_slice(kspace, mask, model, diffusion, maps=maps).residual)
