@@ -1,0 +1,246 @@
+"""Train a diffusion model on fastMRI-format k-space (upstream improved-diffusion's image_train.py).
+
+Works unchanged as a plain process, under ``mpiexec -n N`` and under ``torchrun --nproc_per_node N``::
+
+    python scripts/image_train.py --data_dir demo_data/train --log_dir logs/run1 \\
+        --image_size 128 --num_channels 64 --batch_size 4 --ema_rate 0.9999,0.999 --ema_warmup True
+
+Every flag is listed by ``--help``; docs/training.md explains them, the checkpoint files and resuming.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from improved_diffusion import dist_util, logger
+from improved_diffusion.fastmri_data import load_data
+from improved_diffusion.resample import create_named_schedule_sampler
+from improved_diffusion.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    load_config,
+    model_and_diffusion_defaults,
+    save_config,
+)
+from improved_diffusion.train_util import NonFiniteLossError, TrainLoop, find_resume_checkpoint
+
+# Test hook: when set, every rank writes <log_dir>/rank_report_<rank>.json (hash of its final parameters and
+# the files it read), so the distributed tests can check gradient sync and data sharding.
+RANK_REPORT_ENV = "IMPROVED_DIFFUSION_RANK_REPORT"
+
+
+def train_defaults() -> Dict[str, Any]:
+    """Training flags (besides model_and_diffusion_defaults)."""
+    return dict(
+        data_dir="",
+        log_dir="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        max_steps=0,
+        batch_size=1,
+        microbatch=-1,  # -1 disables microbatches
+        ema_rate="0.9999",  # comma-separated list of EMA values
+        ema_warmup=False,
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        precision="",  # fp32 | fp16 | bf16; empty: fp16 if use_fp16 else fp32
+        max_nan_steps=10,
+        seed=0,
+        crop_size="",  # "" (full slices), "128" or "128,96"
+        skip_edge_slices=0,
+        num_workers=0,
+        on_bad_file="error",
+        deterministic=False,
+    )
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    defaults = train_defaults()
+    defaults.update(model_and_diffusion_defaults())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+def parse_crop_size(value: str) -> Optional[Union[int, Tuple[int, int]]]:
+    """``""`` -> None, ``"128"`` -> 128, ``"128,96"`` -> (128, 96)."""
+    value = str(value).strip()
+    if not value:
+        return None
+    try:
+        parts = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise ValueError(f"--crop_size {value!r}: expected an integer or 'height,width'") from None
+    if len(parts) not in (1, 2) or min(parts) <= 0:
+        raise ValueError(f"--crop_size {value!r}: expected one or two positive integers")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def choose_log_dir(log_dir: str) -> str:
+    """--log_dir, else OPENAI_LOGDIR, else a new temp folder; rank 0's choice is used by every rank."""
+    chosen = None
+    if dist_util.is_main_process():
+        logger.configure(dir=log_dir or None)
+        chosen = logger.get_dir()
+    chosen = dist_util.broadcast_object(chosen)
+    if not dist_util.is_main_process():
+        logger.configure(dir=chosen)
+    return chosen
+
+
+def check_config_matches(log_dir: str, model_config: Dict[str, Any]) -> None:
+    """When resuming into ``log_dir``, its config.json must describe the same model and diffusion."""
+    if not os.path.isfile(os.path.join(log_dir, "config.json")):
+        return
+    old = load_config(log_dir)
+    diffs = [f"{k}: {old[k]!r} -> {v!r}" for k, v in model_config.items() if k in old and old[k] != v]
+    if diffs:
+        raise ValueError(
+            f"{log_dir}/config.json was written for another model/diffusion ({'; '.join(diffs)}); "
+            "use the same flags or a new --log_dir"
+        )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resume_step(resume_checkpoint: str, ema_rates: List[float]) -> int:
+    """Step of the checkpoint that --resume_checkpoint will load (0 for none); decided on rank 0."""
+    step = 0
+    if resume_checkpoint and dist_util.is_main_process():
+        try:
+            found = find_resume_checkpoint(resume_checkpoint, ema_rates)
+            step = found.step if found is not None else 0
+        except (OSError, ValueError):
+            step = 0  # TrainLoop reports the problem
+    return int(dist_util.broadcast_object(step))
+
+
+def recording(data: Iterator[Tuple[torch.Tensor, Dict[str, Any]]], seen: set) -> Iterator:
+    """Pass batches through, remembering the file names they came from."""
+    for batch, kwargs in data:
+        seen.update(os.path.basename(f) for f in kwargs.get("fname", []))
+        yield batch, kwargs
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over the parameters' bytes in name order (equal across ranks iff the weights are)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main() -> None:
+    args = create_argparser().parse_args()
+    if not args.data_dir:
+        raise SystemExit("error: --data_dir is required (a folder of fastMRI-format .h5 files)")
+    crop_size = parse_crop_size(args.crop_size)
+
+    dist_util.setup_dist()
+    rank = dist_util.get_rank()
+    log_dir = choose_log_dir(args.log_dir)
+    logger.log(
+        f"launcher: {dist_util.launcher()}, world size {dist_util.get_world_size()}, device {dist_util.dev()}"
+    )
+
+    model_config = args_to_dict(args, model_and_diffusion_defaults().keys())
+    if dist_util.is_main_process():
+        if args.resume_checkpoint:
+            check_config_matches(log_dir, model_config)
+        save_config({**vars(args), "log_dir": log_dir}, log_dir)
+    dist_util.barrier()
+
+    # Different seeds per rank: each rank draws its own timesteps and noise (its data shard differs anyway).
+    seed_everything(args.seed + rank)
+
+    logger.log("creating model and diffusion...")
+    model, diffusion = create_model_and_diffusion(**model_config)
+    model.to(dist_util.dev())
+    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.log(f"model: {n_params / 1e6:.2f} M parameters")
+
+    logger.log("creating data loader...")
+    start = resume_step(args.resume_checkpoint, [float(r) for r in str(args.ema_rate).split(",") if r])
+    data = load_data(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        crop_size=crop_size,
+        deterministic=args.deterministic,
+        skip_edge_slices=args.skip_edge_slices,
+        num_workers=args.num_workers,
+        on_bad_file=args.on_bad_file,
+        # A resumed run shuffles differently from the run it continues instead of replaying its first batches.
+        seed=args.seed + start,
+    )
+    report = os.environ.get(RANK_REPORT_ENV) == "1"
+    seen_files: set = set()
+    if report:
+        data = recording(data, seen_files)
+        initial_digest = param_digest(model)
+
+    logger.log("training...")
+    loop = TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        precision=args.precision,
+        schedule_sampler=schedule_sampler,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        max_steps=args.max_steps,
+        max_nan_steps=args.max_nan_steps,
+        ema_warmup=args.ema_warmup,
+        log_dir=log_dir,
+    )
+    try:
+        loop.run_loop()
+    except NonFiniteLossError as err:
+        logger.log(f"error: {err}")
+        dist_util.cleanup_dist()
+        raise SystemExit(f"error: {err}") from None
+
+    if report:
+        path = os.path.join(log_dir, f"rank_report_{rank}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(
+                {
+                    "rank": rank,
+                    "initial_params_sha256": initial_digest,
+                    "params_sha256": param_digest(model),
+                    "files": sorted(seen_files),
+                },
+                f,
+            )
+        os.replace(path + ".tmp", path)
+    dist_util.barrier()
+    dist_util.cleanup_dist()
+
+
+if __name__ == "__main__":
+    main()
