@@ -56,6 +56,12 @@ PROTOCOLS: Dict[int, Tuple[str, float]] = {4: ("random", 0.08), 8: ("equispaced"
 TARGET_KEYS = {"singlecoil": "reconstruction_esc", "multicoil": "reconstruction_rss"}
 ALL_METHODS = ("zero_filled", "sense", "l1_wavelet", "ddim_project", "ddim_replace", "ancestral_project")
 BASELINES = ("zero_filled", "sense", "l1_wavelet")
+MAPS_NOTES = {
+    "estimate": "estimated per slice from the fully sampled centre of the undersampled k-space "
+    "(the sensitivity maps stored in the files, computed from fully sampled data, were not used)",
+    "file": "the sensitivity maps stored in the input files (computed by datasets/prepare_fastmri.py from "
+    "the fully sampled k-space, which a real accelerated scan would not have)",
+}
 
 
 @dataclass
@@ -147,11 +153,12 @@ def central_slices(num_slices: int, max_slices: int) -> range:
     return range(start, start + max_slices)
 
 
-def subset_file(src: str, dst: str, max_slices: int) -> None:
+def subset_file(src: str, dst: str, max_slices: int, drop_keys: Sequence[str] = ()) -> None:
     """Copy an h5 file keeping only its central ``max_slices`` slices of the per-slice datasets.
 
     Datasets whose first axis is the slice axis (kspace, targets, sens_maps) are cut; others (a 1-D/2-D
-    ``mask``) and the attrs are copied unchanged. The file name is kept, so name-seeded masks are unchanged.
+    ``mask``) and the attrs are copied unchanged; ``drop_keys`` are left out. The file name is kept, so
+    name-seeded masks are unchanged.
     """
     with h5py.File(src, "r") as fin:
         if "kspace" not in fin:
@@ -161,7 +168,7 @@ def subset_file(src: str, dst: str, max_slices: int) -> None:
         tmp = dst + ".tmp"
         with h5py.File(tmp, "w") as fout:
             for key, ds in fin.items():
-                if not isinstance(ds, h5py.Dataset):
+                if not isinstance(ds, h5py.Dataset) or key in drop_keys:
                     continue
                 per_slice = key != "mask" and ds.ndim >= 3 and ds.shape[0] == n
                 data = ds[keep.start : keep.stop] if per_slice else ds[()]
@@ -173,19 +180,38 @@ def subset_file(src: str, dst: str, max_slices: int) -> None:
     os.replace(tmp, dst)
 
 
-def prepare_inputs(src_dir: str, work_dir: str, coil: str, max_files: int, max_slices: int) -> str:
-    """The folder the methods read: ``src_dir`` itself, or a reduced copy (first files, central slices)."""
+def _has_key(path: str, key: str) -> bool:
+    with h5py.File(path, "r") as f:
+        return key in f
+
+
+def prepare_inputs(
+    src_dir: str, work_dir: str, coil: str, max_files: int, max_slices: int, drop_maps: bool = True
+) -> str:
+    """The folder the methods read: ``src_dir`` itself, or a copy that is reduced and/or without maps.
+
+    Args:
+        src_dir: folder of fastMRI-format h5 files.
+        work_dir: the benchmark's work folder (copies go to ``<work_dir>/inputs/``).
+        coil: ``singlecoil`` or ``multicoil``.
+        max_files, max_slices: keep the first files / their central slices (<= 0: all).
+        drop_maps: leave out stored ``sens_maps`` (computed from fully sampled data by
+            datasets/prepare_fastmri.py), so that every method estimates its maps from the undersampled
+            k-space centre, as a real accelerated scan must.
+    """
     files = list_h5(src_dir)
-    if max_files <= 0 and max_slices <= 0:
-        return os.path.abspath(src_dir)
     if max_files > 0:
         files = files[:max_files]
-    dst_dir = os.path.join(work_dir, "inputs", f"{coil}_f{max_files}_s{max_slices}")
+    drop = ("sens_maps",) if drop_maps and any(_has_key(f, "sens_maps") for f in files) else ()
+    if max_files <= 0 and max_slices <= 0 and not drop:
+        return os.path.abspath(src_dir)
+    tag = f"{coil}_f{max_files}_s{max_slices}" + ("_nomaps" if drop else "")
+    dst_dir = os.path.join(work_dir, "inputs", tag)
     os.makedirs(dst_dir, exist_ok=True)
     for src in files:
         dst = os.path.join(dst_dir, os.path.basename(src))
         if not os.path.exists(dst) or os.path.getmtime(dst) < os.path.getmtime(src):
-            subset_file(src, dst, max_slices)
+            subset_file(src, dst, max_slices, drop)
     return dst_dir
 
 
@@ -489,6 +515,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="image_sample.py --sample_seed")
     p.add_argument("--sample_args", default="", help="extra flags for image_sample.py, one quoted string")
     p.add_argument("--baseline_args", default="", help="extra flags for baseline_recon.py, one quoted string")
+    p.add_argument(
+        "--maps",
+        choices=("estimate", "file"),
+        default="estimate",
+        help="estimate: drop stored sens_maps so maps come from the undersampled centre; file: use them",
+    )
     p.add_argument("--max_files", type=int, default=0, help="first N volumes per coil setting (0 = all)")
     p.add_argument("--max_slices", type=int, default=0, help="central N slices per volume (0 = all)")
     p.add_argument("--work_dir", default=os.path.join(REPO_ROOT, "recon_out", "benchmark"))
@@ -537,7 +569,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     input_dirs = {}
     for coil in args.coil_list:
         src = getattr(args, f"{coil}_dir") or os.path.join(args.data_dir, f"{coil}_val")
-        input_dirs[coil] = prepare_inputs(src, args.work_dir, coil, args.max_files, args.max_slices)
+        input_dirs[coil] = prepare_inputs(
+            src, args.work_dir, coil, args.max_files, args.max_slices, drop_maps=args.maps == "estimate"
+        )
     jobs = [
         (coil, acc, m)
         for coil in args.coil_list
@@ -613,6 +647,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "ancestral_steps": args.ancestral_steps or "T",
             "center_fraction_4x": PROTOCOLS[4][1],
             "center_fraction_8x": PROTOCOLS[8][1],
+            "maps": args.maps,
+            "maps_note": MAPS_NOTES[args.maps],
             "max_files": args.max_files,
             "max_slices": args.max_slices,
             "methods": [m.name for m in methods],

@@ -53,6 +53,7 @@ FAKE_INFO = {
         "ddim_steps": 5,
         "center_fraction_4x": 0.08,
         "center_fraction_8x": 0.04,
+        "maps_note": "estimated",
     },
     "figure": {"coil": "single-coil", "acceleration": 4, "fname": "a.h5", "slice": 1, "error_gain": 5},
 }

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "paper"))
 
 import recon_benchmark as rb  # noqa: E402
 import recon_report  # noqa: E402
+import record_train_speed  # noqa: E402, F401
 
 FAKE_SCRIPT = textwrap.dedent(
     """
@@ -129,6 +130,26 @@ def test_subset_keeps_central_slices_and_name(tmp_path):
     assert rb.prepare_inputs(str(tmp_path), str(tmp_path / "w"), "singlecoil", 0, 0) == str(tmp_path)
 
 
+def fake_checkpoint(folder):
+    """A tiny state dict with a config.json and a progress.csv beside it, as scripts/image_train.py leaves."""
+    import torch
+
+    from improved_diffusion.script_util import model_and_diffusion_defaults, save_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        **model_and_diffusion_defaults(),
+        "batch_size": 2,
+        "lr": 1e-4,
+        "ema_rate": "0.999",
+        "data_dir": "x",
+    }
+    save_config(config, str(folder))
+    torch.save({"w": torch.zeros(10, 3), "b": torch.zeros(5)}, folder / "ema_0.999_000120.pt")
+    (folder / "progress.csv").write_text("step,loss,time_elapsed\n60,1.0,30\n120,0.5,72\n")
+    return folder / "ema_0.999_000120.pt"
+
+
 def test_benchmark_end_to_end_with_fake_scripts(fake_env, tmp_path):
     results = tmp_path / "results"
     argv = [
@@ -141,20 +162,13 @@ def test_benchmark_end_to_end_with_fake_scripts(fake_env, tmp_path):
         "--methods",
         "zero_filled,sense,ddim_project",
         "--model_path",
-        "unused.pt",
+        str(fake_checkpoint(tmp_path / "log")),
         "--num_samples",
         "2",
         "--max_slices",
         "2",
     ]
-    # training_info needs a real checkpoint; the fake run has none, so skip it here (tested below)
-    rb_main = rb.main
-    orig = rb.training_info
-    rb.training_info = lambda path: {"model": {}, "training": {}}
-    try:
-        assert rb_main(argv) == 0
-    finally:
-        rb.training_info = orig
+    assert rb.main(argv) == 0
     with open(results / "recon_metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     # sense is not run single-coil: 2 coils x 2 accelerations x 3 methods - 2
@@ -170,19 +184,39 @@ def test_benchmark_end_to_end_with_fake_scripts(fake_env, tmp_path):
         assert (results / name).stat().st_size > 0
     info = json.loads((results / "benchmark_info.json").read_text())
     assert info["data"]["multicoil"]["coils"] == 3 and info["data"]["singlecoil"]["slices"] == 4
+    assert info["training"]["steps"] == 120
     n_calls = len(calls(fake_env))
     assert n_calls == 10
 
+    # every placeholder of paper/paper.md is filled from what the benchmark wrote (train_speed aside)
+    import build_paper
+    import results_values
+
+    res = results_values.load_results(str(results))
+    results_values.add_generated_text(res)
+    with open(os.path.join(ROOT, "paper", "paper.md")) as f:
+        keys = set(build_paper.PLACEHOLDER.findall(f.read()))
+    lacking = sorted(k for k in keys if not k.startswith("speed.") and k not in res.values)
+    assert lacking == []
+
     # resumable: a second run reuses every finished run
-    rb.training_info = lambda path: {"model": {}, "training": {}}
-    try:
-        assert rb_main(argv) == 0
-        assert len(calls(fake_env)) == n_calls
-        # a changed option (K) reruns the diffusion method only, with --overwrite
-        assert rb_main(argv[:-4] + ["--num_samples", "3", "--max_slices", "2"]) == 0
-    finally:
-        rb.training_info = orig
+    assert rb.main(argv) == 0
+    assert len(calls(fake_env)) == n_calls
+    # a changed option (K) reruns the diffusion method only, with --overwrite
+    assert rb.main(argv[:-4] + ["--num_samples", "3", "--max_slices", "2"]) == 0
     assert len(calls(fake_env)) == n_calls + 4
+
+
+def test_stored_maps_are_dropped_by_default(tmp_path):
+    make_volume(tmp_path / "m.h5", coils=2)
+    with h5py.File(tmp_path / "m.h5", "a") as f:
+        f["sens_maps"] = np.ones((4, 2, 16, 16), np.complex64)
+    out = rb.prepare_inputs(str(tmp_path), str(tmp_path / "w"), "multicoil", 0, 0)
+    with h5py.File(os.path.join(out, "m.h5"), "r") as f:
+        assert "sens_maps" not in f and f["kspace"].shape == (4, 2, 16, 16)
+    assert rb.prepare_inputs(str(tmp_path), str(tmp_path / "w"), "multicoil", 0, 0, drop_maps=False) == str(
+        tmp_path
+    )
 
 
 def test_training_info_from_checkpoint(tmp_path):
@@ -210,3 +244,36 @@ def test_bad_arguments():
         rb.build_methods(args)
     with pytest.raises(ValueError, match="unknown"):
         rb.build_methods(rb.parse_args(["--methods", "nope"]))
+
+
+def test_record_train_speed_replaces_its_row(tmp_path, monkeypatch):
+    import record_train_speed as rts
+
+    fake = tmp_path / "train_speed.py"
+    fake.write_text(
+        textwrap.dedent(
+            """
+            import json, sys
+            args = sys.argv[1:]
+            out = args[args.index("--json") + 1]
+            bs = int(args[args.index("--batch_size") + 1]) if "--batch_size" in args else 2
+            res = {"config": {"batch_size": bs, "image_size": 16, "num_channels": 8}, "device": "cpu",
+                   "torch_threads": 2, "precision_used": "fp32", "parameters": 12345, "ours_s_per_step": 0.5}
+            json.dump(res, open(out, "w"))
+            """
+        )
+    )
+    monkeypatch.setattr(rts, "TRAIN_SPEED", str(fake))
+    (tmp_path / "log").mkdir()
+    (tmp_path / "log" / "config.json").write_text(json.dumps({"batch_size": 4, "image_size": 16, "lr": 1}))
+    assert rts.flags_from_config(str(tmp_path / "log")) == ["--image_size", "16", "--batch_size", "4"]
+    out = tmp_path / "train_speed.csv"
+    assert rts.main(["--name", "a", "--config", str(tmp_path / "log"), "--out", str(out)]) == 0
+    assert rts.main(["--name", "b", "--out", str(out)]) == 0
+    assert rts.main(["--name", "a", "--out", str(out), "--", "--batch_size", "8"]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == ["b", "a"]
+    assert rows[1]["batch_size"] == "8" and rows[1]["samples_per_sec"] == "16.0"
+    assert rows[0]["params_m"] == "0.012" and rows[0]["sec_per_step"] == "0.5"
+    assert rts.main(["--name", "c", "--config", str(tmp_path / "nope"), "--out", str(out)]) == 2
