@@ -1,0 +1,315 @@
+"""Training steps per second for one model/diffusion configuration, optionally against upstream.
+
+Times TrainLoop.run_step (forward + backward over the microbatches, optimizer, EMA, loss logging) on a fixed
+random batch, so data loading is excluded; the first ``--warmup`` steps are not timed. With
+``--baseline_repo PATH`` (a local checkout of openai/improved-diffusion that you provide; it is not shipped
+here) it also times upstream's own UNetModel + GaussianDiffusion + TrainLoop.run_step on the same
+configuration, in the same process, and prints the ratio. ``--profile`` prints where our step spends its
+time (torch.profiler).
+
+Example::
+
+    python benchmarks/train_speed.py --image_size 64 --num_channels 32 --batch_size 2 --steps 20
+    python benchmarks/train_speed.py --device cuda --precision fp16 --baseline_repo ~/src/improved-diffusion
+"""
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from improved_diffusion import logger
+from improved_diffusion.script_util import (
+    create_model_and_diffusion,
+    default_channel_mult,
+    model_and_diffusion_defaults,
+    str2bool,
+)
+from improved_diffusion.train_util import TrainLoop
+
+UPSTREAM_ALIAS = "upstream_improved_diffusion"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--image_size", type=int, default=64)
+    p.add_argument("--num_channels", type=int, default=32)
+    p.add_argument("--num_res_blocks", type=int, default=2)
+    p.add_argument("--attention_resolutions", default="16,8")
+    p.add_argument("--num_heads", type=int, default=4)
+    p.add_argument("--channel_mult", default="", help="'' = upstream's choice for image_size")
+    p.add_argument("--in_channels", type=int, default=2)
+    p.add_argument("--learn_sigma", type=str2bool, default=True)
+    p.add_argument("--use_scale_shift_norm", type=str2bool, default=True)
+    p.add_argument("--diffusion_steps", type=int, default=1000)
+    p.add_argument("--noise_schedule", default="cosine")
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--microbatch", type=int, default=-1)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    p.add_argument("--repeats", type=int, default=1, help="alternate ours/upstream this often; best is kept")
+    p.add_argument("--baseline_repo", default="", help="local checkout of openai/improved-diffusion")
+    p.add_argument("--profile", action="store_true", help="profile a few of our steps and print the top ops")
+    p.add_argument("--json", default="", help="also write the results to this JSON file")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        p.error("--steps and --repeats must be >= 1, --warmup >= 0")
+    if args.baseline_repo and not os.path.isdir(os.path.join(args.baseline_repo, "improved_diffusion")):
+        p.error(f"--baseline_repo {args.baseline_repo}: no improved_diffusion/ package inside")
+    return args
+
+
+def model_config(args: argparse.Namespace) -> Dict[str, Any]:
+    """Our model_and_diffusion flags for the benchmark configuration."""
+    cfg = model_and_diffusion_defaults()
+    mult = args.channel_mult or ",".join(str(m) for m in default_channel_mult(args.image_size))
+    cfg.update(
+        image_size=args.image_size,
+        num_channels=args.num_channels,
+        num_res_blocks=args.num_res_blocks,
+        attention_resolutions=args.attention_resolutions,
+        num_heads=args.num_heads,
+        channel_mult=mult,
+        in_channels=args.in_channels,
+        learn_sigma=args.learn_sigma,
+        use_scale_shift_norm=args.use_scale_shift_norm,
+        diffusion_steps=args.diffusion_steps,
+        noise_schedule=args.noise_schedule,
+    )
+    return cfg
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], None], device: torch.device, steps: int, warmup: int) -> float:
+    """Seconds per step of ``step`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def fixed_batch(args: argparse.Namespace) -> torch.Tensor:
+    g = torch.Generator().manual_seed(args.seed)
+    return torch.randn(args.batch_size, args.in_channels, args.image_size, args.image_size, generator=g)
+
+
+def our_step(args: argparse.Namespace, device: torch.device) -> Tuple[Callable[[], None], TrainLoop]:
+    torch.manual_seed(args.seed)
+    model, diffusion = create_model_and_diffusion(**model_config(args))
+    model.to(device)
+    batch = fixed_batch(args)
+    loop = TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=iter(()),
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=1e-4,
+        ema_rate="0.9999",
+        log_interval=10,
+        save_interval=10**9,
+        precision=args.precision,
+        handle_signals=False,
+    )
+
+    def step() -> None:
+        loop.run_step(batch, {})
+        if loop.step % loop.log_interval == 0:
+            logger.dumpkvs()
+
+    return step, loop
+
+
+def import_upstream(repo: str):
+    """Import the checkout's ``improved_diffusion`` package under another name (ours keeps its own)."""
+    pkg_dir = os.path.join(os.path.abspath(repo), "improved_diffusion")
+    spec = importlib.util.spec_from_file_location(
+        UPSTREAM_ALIAS, os.path.join(pkg_dir, "__init__.py"), submodule_search_locations=[pkg_dir]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[UPSTREAM_ALIAS] = module
+    spec.loader.exec_module(module)
+    return {
+        name: importlib.import_module(f"{UPSTREAM_ALIAS}.{name}")
+        for name in ("unet", "script_util", "train_util")
+    }
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """Upstream's TrainLoop calls dist.get_world_size() (and wraps the model in DDP on CUDA): give it a
+    one-process group, as its own setup_dist would. Our loop sees world size 1 and skips DDP."""
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=0,
+        world_size=1,
+    )
+
+
+def upstream_step(args: argparse.Namespace, device: torch.device, up) -> Callable[[], None]:
+    """Upstream's UNet, diffusion and TrainLoop on the same configuration.
+
+    The UNet is built directly (upstream's create_model fixes in_channels=3) with our in_channels and
+    channel_mult, so both models have the same shape.
+    """
+    cfg = model_config(args)
+    torch.manual_seed(args.seed)
+    attention_ds = tuple(args.image_size // int(r) for r in args.attention_resolutions.split(",") if r)
+    model = (
+        up["unet"]
+        .UNetModel(
+            in_channels=args.in_channels,
+            model_channels=args.num_channels,
+            out_channels=args.in_channels * (2 if args.learn_sigma else 1),
+            num_res_blocks=args.num_res_blocks,
+            attention_resolutions=attention_ds,
+            dropout=0.0,
+            channel_mult=tuple(int(m) for m in cfg["channel_mult"].split(",")),
+            num_heads=args.num_heads,
+            use_scale_shift_norm=args.use_scale_shift_norm,
+        )
+        .to(device)
+    )
+    diffusion = up["script_util"].create_gaussian_diffusion(
+        steps=args.diffusion_steps,
+        learn_sigma=args.learn_sigma,
+        sigma_small=False,
+        noise_schedule=args.noise_schedule,
+        use_kl=False,
+        predict_xstart=False,
+        rescale_timesteps=True,
+        rescale_learned_sigmas=True,
+        timestep_respacing="",
+    )
+    loop = up["train_util"].TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=iter(()),
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=1e-4,
+        ema_rate="0.9999",
+        log_interval=10,
+        save_interval=10**9,
+        resume_checkpoint="",
+        use_fp16=args.precision == "fp16",
+    )
+    batch = fixed_batch(args)
+    calls = [0]
+
+    def step() -> None:
+        loop.run_step(batch, {})
+        calls[0] += 1
+        if calls[0] % 10 == 0:
+            up["train_util"].logger.dumpkvs()
+
+    return step
+
+
+def profile_ours(step: Callable[[], None], device: torch.device, n: int = 5) -> str:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(n):
+            step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=15)
+
+
+def main(argv=None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    np.random.seed(args.seed)
+    # Keep the loop's key-value dumps off the screen: they would drown the result.
+    logger.configure(tempfile.mkdtemp(prefix="train_speed_"), format_strs=["log"])
+
+    up = None
+    if args.baseline_repo:
+        up = import_upstream(args.baseline_repo)
+        ensure_process_group(device)
+        up["train_util"].logger.configure(
+            tempfile.mkdtemp(prefix="train_speed_upstream_"), format_strs=["log"]
+        )
+        if args.precision == "bf16":
+            print("upstream has no bf16 mode: baseline skipped")
+            up = None
+
+    ours, loop = our_step(args, device)
+    theirs = upstream_step(args, device, up) if up is not None else None
+    best_ours, best_theirs = float("inf"), float("inf")
+    for _ in range(args.repeats):
+        best_ours = min(best_ours, time_steps(ours, device, args.steps, args.warmup))
+        if theirs is not None:
+            best_theirs = min(best_theirs, time_steps(theirs, device, args.steps, args.warmup))
+
+    n_params = sum(p.numel() for p in loop.model.parameters())
+    result: Dict[str, Any] = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "profile")},
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "torch_threads": torch.get_num_threads(),
+        "precision_used": loop.precision,
+        "parameters": n_params,
+        "ours_s_per_step": best_ours,
+        "ours_steps_per_s": 1.0 / best_ours,
+    }
+    print("config:", json.dumps(result["config"], sort_keys=True))
+    print(f"device: {result['device']}, torch threads {result['torch_threads']}, precision {loop.precision}")
+    print(f"model: {n_params / 1e6:.3f} M parameters")
+    print(f"ours:     {1.0 / best_ours:8.3f} steps/s  ({best_ours * 1000:.1f} ms/step)")
+    if theirs is not None:
+        result.update(upstream_s_per_step=best_theirs, upstream_steps_per_s=1.0 / best_theirs)
+        result["speedup"] = best_theirs / best_ours
+        print(f"upstream: {1.0 / best_theirs:8.3f} steps/s  ({best_theirs * 1000:.1f} ms/step)")
+        print(f"speed-up (ours vs upstream): {result['speedup']:.2f}x")
+    if args.profile:
+        table = profile_ours(ours, device)
+        print(table)
+        result["profile"] = table
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(args.json + ".tmp", args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()
