@@ -48,17 +48,25 @@ def default_device() -> int:
         return -1
 
 
-def add_sens_maps(path: str, progress: bool = False, **espirit_kwargs) -> None:
+def add_sens_maps(
+    path: str, progress: bool = False, compression: Optional[str] = None, **espirit_kwargs
+) -> None:
     """Compute ``sens_maps`` for every slice of the multi-coil file ``path`` and write them into it (r+).
 
-    The dataset is chunked per slice, and its attrs record the ESPIRiT settings.
+    The dataset is chunked per slice (``compression``: None, "gzip" or "lzf", with byte shuffling; maps
+    are zero outside the object, so gzip about halves them), and its attrs record the ESPIRiT settings.
     """
     with h5py.File(path, "r+") as f:
         kspace = f["kspace"]
         if MAPS_KEY in f:
             del f[MAPS_KEY]
         out = f.create_dataset(
-            MAPS_KEY, shape=kspace.shape, dtype=np.complex64, chunks=(1, *kspace.shape[1:])
+            MAPS_KEY,
+            shape=kspace.shape,
+            dtype=np.complex64,
+            chunks=(1, *kspace.shape[1:]),
+            compression=compression,
+            shuffle=compression is not None,
         )
         slices = range(kspace.shape[0])
         if progress:
@@ -77,7 +85,12 @@ def _tmp_name(dst: str) -> str:
 
 
 def prepare_file(
-    src: str, dst: str, espirit_kwargs: Dict, single_coil: str = "copy", progress: bool = False
+    src: str,
+    dst: str,
+    espirit_kwargs: Dict,
+    single_coil: str = "copy",
+    progress: bool = False,
+    compression: Optional[str] = None,
 ) -> Result:
     """Write ``dst`` from ``src`` (see module doc); never raises for a bad input file.
 
@@ -112,7 +125,7 @@ def prepare_file(
                 if has_maps:
                     status = "has_maps"
                 else:
-                    add_sens_maps(tmp, progress=progress, **espirit_kwargs)
+                    add_sens_maps(tmp, progress=progress, compression=compression, **espirit_kwargs)
                     status = "prepared"
         os.replace(tmp, dst)
         return src, status, ""
@@ -147,9 +160,9 @@ def _summary(results: List[Result]) -> str:
     return "\n".join(lines)
 
 
-def _run_one(job: Tuple[str, str, Dict, str]) -> Result:
-    src, dst, kwargs, single_coil = job
-    return prepare_file(src, dst, kwargs, single_coil)
+def _run_one(job: Tuple[str, str, Dict, str, Optional[str]]) -> Result:
+    src, dst, kwargs, single_coil, compression = job
+    return prepare_file(src, dst, kwargs, single_coil, compression=compression)
 
 
 def run(
@@ -161,6 +174,7 @@ def run(
     rank: int = 0,
     world_size: int = 1,
     show_progress: bool = True,
+    compression: Optional[str] = None,
 ) -> List[Result]:
     """Prepare this rank's share ``files[rank::world_size]`` of ``input_dir`` into ``output_dir``."""
     if os.path.abspath(input_dir) == os.path.abspath(output_dir):
@@ -172,15 +186,18 @@ def run(
     kwargs = dict(ESPIRIT_DEFAULTS, **(espirit_kwargs or {}))
     files = list_h5_files(input_dir)[rank::world_size]
     jobs = [
-        (src, os.path.join(output_dir, os.path.relpath(src, input_dir)), kwargs, single_coil) for src in files
+        (src, os.path.join(output_dir, os.path.relpath(src, input_dir)), kwargs, single_coil, compression)
+        for src in files
     ]
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc=f"prepare (rank {rank})", disable=not show_progress or rank != 0)
     results: List[Result] = []
     if workers == 1:
-        for src, dst, kw, sc in jobs:
-            results.append(prepare_file(src, dst, kw, sc, progress=show_progress and rank == 0))
+        for src, dst, kw, sc, comp in jobs:
+            results.append(
+                prepare_file(src, dst, kw, sc, progress=show_progress and rank == 0, compression=comp)
+            )
             bar.update()
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -203,6 +220,7 @@ def create_argparser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=int, default=None, help="sigpy device: -1 CPU, k GPU k (default: auto)")
     p.add_argument("--workers", type=int, default=1, help="processes per rank")
     p.add_argument("--single_coil", choices=("copy", "link", "skip"), default="copy")
+    p.add_argument("--compression", choices=("none", "gzip", "lzf"), default="none", help="for sens_maps")
     p.add_argument("--no_progress", action="store_true")
     return p
 
@@ -229,6 +247,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             rank=rank,
             world_size=size,
             show_progress=not args.no_progress,
+            compression=None if args.compression == "none" else args.compression,
         )
     except ValueError as err:
         print(f"prepare_fastmri: error: {err}", file=sys.stderr)

@@ -70,14 +70,22 @@ def test_cli_workers_single_coil_skip_and_errors(tmp_path, capsys):
     _write_inputs(src)
     os.remove(src / "broken.h5")
     argv = ["--input_dir", str(src), "--output_dir", str(out), "--calib_width", "12", "--kernel_width", "4"]
-    assert (
-        prepare.main(argv + ["--workers", "2", "--single_coil", "skip", "--no_progress", "--device", "-1"])
-        == 0
-    )
+    flags = [
+        "--workers",
+        "2",
+        "--single_coil",
+        "skip",
+        "--no_progress",
+        "--device",
+        "-1",
+        "--compression",
+        "gzip",
+    ]
+    assert prepare.main(argv + flags) == 0
     assert "1 prepared, 1 skipped" in capsys.readouterr().out
     assert (out / "multi.h5").exists() and not (out / "sub" / "single.h5").exists()
     with h5py.File(out / "multi.h5") as f:
-        assert f["sens_maps"].attrs["calib_width"] == 12
+        assert f["sens_maps"].attrs["calib_width"] == 12 and f["sens_maps"].compression == "gzip"
     assert prepare.main(["--input_dir", str(src), "--output_dir", str(src)]) == 2
     assert "must differ" in capsys.readouterr().err
 
