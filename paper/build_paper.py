@@ -258,12 +258,32 @@ def render_table_recon(pdf: FPDF, res: Results) -> None:
     _body(pdf)
 
 
+# train_speed.csv column -> (heading, relative width); unknown columns get their name and width 14
+SPEED_HEADINGS = {
+    "name": ("Configuration", 24),
+    "device": ("Device", 24),
+    "precision": ("Precision", 15),
+    "threads": ("Threads", 13),
+    "image_size": ("Image", 11),
+    "num_channels": ("Channels", 15),
+    "batch_size": ("Batch", 11),
+    "params_m": ("Params (M)", 17),
+    "sec_per_step": ("s/step", 13),
+    "samples_per_sec": ("Samples/s", 16),
+    "upstream_sec_per_step": ("Upstream s/step", 22),
+    "speedup": ("Speed-up", 15),
+}
+
+
 def render_table_train_speed(pdf: FPDF, res: Results) -> None:
-    """The training-speed table: every column of results/train_speed.csv."""
+    """The training-speed table: the non-empty columns of results/train_speed.csv."""
     rows = res.train_speed_rows
-    columns = list(rows[0].keys()) if rows else ["name", "sec_per_step"]
-    pdf.set_font("Sans", "", 7.5)
+    columns = [c for c in (rows[0].keys() if rows else []) if any(r.get(c, "") != "" for r in rows)]
+    headings = [SPEED_HEADINGS.get(c, (c, 14))[0] for c in columns]
+    widths = [SPEED_HEADINGS.get(c, (c, 14))[1] for c in columns]
+    pdf.set_font("Sans", "", 7)
     with pdf.table(
+        col_widths=widths,
         headings_style=FontFace(emphasis="BOLD", fill_color=(230, 230, 230)),
         line_height=4,
         padding=0.8,
@@ -271,8 +291,8 @@ def render_table_train_speed(pdf: FPDF, res: Results) -> None:
         text_align="CENTER",
     ) as table:
         row = table.row()
-        for c in columns:
-            row.cell(c.replace("_", " "))
+        for h in headings:
+            row.cell(h)
         for r in rows:
             row = table.row()
             for c in columns:

@@ -1,6 +1,5 @@
 """Smoke tests of paper/build_paper.py on tiny fake results (no model, no benchmark run)."""
 
-import csv
 import json
 import os
 import sys
@@ -14,6 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import build_paper  # noqa: E402
 import recon_report  # noqa: E402
+import record_train_speed  # noqa: E402
 import results_values  # noqa: E402
 
 SOURCE = os.path.join(ROOT, "paper", "paper.md")
@@ -103,10 +103,18 @@ def make_fake_results(folder, with_ancestral=True):
     )
     with open(os.path.join(folder, "benchmark_info.json"), "w") as f:
         json.dump(FAKE_INFO, f)
-    with open(os.path.join(folder, "train_speed.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["name", "device", "batch_size", "sec_per_step", "samples_per_sec"])
-        w.writerow(["cpu_bs4", "cpu", 4, 1.25, 3.2])
+    for name, dev, sec in (("demo_cpu", "cpu", 1.25), ("demo_cuda", "cuda:0 (H100)", 0.05)):
+        result = {
+            "config": {"batch_size": 4, "image_size": 128, "num_channels": 64},
+            "device": dev,
+            "torch_threads": 2,
+            "precision_used": "fp32",
+            "parameters": 4_700_000,
+            "ours_s_per_step": sec,
+        }
+        record_train_speed.update_csv(
+            os.path.join(folder, "train_speed.csv"), record_train_speed.row_from_result(name, result)
+        )
     return rows
 
 
