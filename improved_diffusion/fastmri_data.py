@@ -142,14 +142,19 @@ class FileInfo:
 
 
 def list_h5_files(data_dir: str) -> List[str]:
-    """All ``*.h5`` / ``*.hdf5`` files under ``data_dir`` (recursively), sorted for a stable order."""
-    if not os.path.isdir(data_dir):
-        raise ValueError(f"data_dir {data_dir!r} is not a directory")
+    """All ``*.h5`` / ``*.hdf5`` files under ``data_dir`` (recursively), sorted for a stable order.
+
+    ``data_dir`` may be a comma-separated list of folders (e.g. the single-coil and multi-coil training
+    splits side by side, without their validation splits).
+    """
     found = []
-    for root, dirs, files in os.walk(data_dir):
-        dirs.sort()
-        found.extend(os.path.join(root, f) for f in files if f.endswith((".h5", ".hdf5")))
-    return sorted(found)
+    for folder in [d.strip() for d in data_dir.split(",") if d.strip()]:
+        if not os.path.isdir(folder):
+            raise ValueError(f"data_dir {folder!r} is not a directory")
+        for root, dirs, files in os.walk(folder):
+            dirs.sort()
+            found.extend(os.path.join(root, f) for f in files if f.endswith((".h5", ".hdf5")))
+    return sorted(set(found))
 
 
 def check_file(path: str, require_maps: bool = True, crop_size: CropSize = None) -> FileInfo:

@@ -455,7 +455,8 @@ class TrainLoop:
         if ckpt.opt is None:
             logger.warn(f"no {opt_filename(ckpt.step)} beside {ckpt.model}: fresh optimizer state and RNG")
             return
-        state = dist_util.load_state_dict(ckpt.opt, map_location=self.device)
+        # CPU: the RNG states must stay CPU tensors; the optimizer moves its state to the parameters itself.
+        state = dist_util.load_state_dict(ckpt.opt, map_location="cpu")
         if "optimizer" not in state:  # an upstream opt file holds only the optimizer state
             self.opt.load_state_dict(state)
             return

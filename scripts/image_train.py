@@ -9,6 +9,7 @@ Every flag is listed by ``--help``; docs/training.md explains them, the checkpoi
 """
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -225,6 +226,11 @@ def main() -> None:
         dist_util.cleanup_dist()
         raise SystemExit(f"error: {err}") from None
 
+    # Free DDP's reducer (and its pending gloo work) before the process group goes: a gloo group torn down
+    # while DDP still holds work can abort the interpreter at exit ("terminate called without an active
+    # exception"), intermittently, under torchrun.
+    del loop
+    gc.collect()
     if report:
         path = os.path.join(log_dir, f"rank_report_{rank}.json")
         with open(path + ".tmp", "w") as f:
