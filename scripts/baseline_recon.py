@@ -14,7 +14,8 @@ Single-coil data use one all-ones map. The default λ values were chosen once on
 (docs/reconstruction.md, "Baselines"); they are not tuned on the validation files.
 
 Example:
-    python scripts/baseline_recon.py --method l1_wavelet --input demo_data/val --output_dir recon_out/l1
+    python scripts/baseline_recon.py --method l1_wavelet --input demo_data/multicoil_val \
+        --output_dir recon_out/l1
 """
 
 import argparse

@@ -9,7 +9,7 @@ over slices), then mean and standard deviation over volumes.
 
 Example:
     python scripts/evaluate.py --predictions_dir recon_out/diffusion recon_out/l1 \
-        --targets_dir demo_data/val \
+        --targets_dir demo_data/multicoil_val \
         --output_csv recon_out/evaluation.csv
 """
 
@@ -35,16 +35,25 @@ def create_argparser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--predictions_dir", nargs="+", required=True, help="one or more folders of outputs")
     parser.add_argument("--targets_dir", required=True, help="folder with the target h5 files (same names)")
-    parser.add_argument("--target_key", default="", help="target dataset; empty = auto (rss, else esc)")
+    parser.add_argument(
+        "--target_key", default="", help="target dataset; empty: multi-coil files rss, single-coil esc"
+    )
     parser.add_argument("--output_csv", default="", help="per-volume rows plus mean/std rows per folder")
     return parser
 
 
 def _read(path: str, key: Optional[str], what: str):
-    """(array, key) from an h5 file; with ``key`` None, the first present of the target keys."""
+    """(array, key, attrs) from an h5 file.
+
+    With ``key`` None the target key follows the file's ``kspace``: 4-D (multi-coil) -> RSS, 3-D
+    (single-coil) -> ESC, as fastMRI scores its challenges (its single-coil files hold both keys); a file
+    without ``kspace`` takes whichever target it has.
+    """
     try:
         with h5py.File(path, "r") as f:
             keys = [key] if key else [TARGET_KEYS[True], TARGET_KEYS[False]]
+            if not key and "kspace" in f:
+                keys = [TARGET_KEYS[f["kspace"].ndim == 4]]
             for k in keys:
                 if k in f:
                     return np.asarray(f[k][()], dtype=np.float64), k, dict(f.attrs)
