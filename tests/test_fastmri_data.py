@@ -122,6 +122,18 @@ def test_sharding_is_disjoint_and_complete(tmp_path):
     assert {f for f, _ in seen[0]} == {"f0.h5", "f3.h5"}
 
 
+def test_comma_separated_data_dirs(tmp_path):
+    """Several folders in one data_dir (e.g. the two training splits) and nothing else from beside them."""
+    for split in ("sc_train", "mc_train", "sc_val"):
+        (tmp_path / split).mkdir()
+        write_file(tmp_path / split / f"{split}.h5", slices=1, coils=2 if split.startswith("mc") else 0)
+    dirs = f"{tmp_path / 'sc_train'},{tmp_path / 'mc_train'}"
+    gen = load_data(data_dir=dirs, batch_size=1, deterministic=True)
+    assert sorted(kw["fname"][0] for _, kw in _take(gen, 2)) == ["mc_train.h5", "sc_train.h5"]
+    with pytest.raises(ValueError, match="missing"):
+        next(load_data(data_dir=f"{tmp_path / 'sc_train'},{tmp_path / 'missing'}", batch_size=1))
+
+
 def test_default_shard_is_single_process(tmp_path):
     write_file(tmp_path / "a.h5", slices=2)
     x, _ = next(load_data(data_dir=str(tmp_path), batch_size=2))
