@@ -20,7 +20,8 @@ setup(
         # CPU / laptop set-up: an MPI runtime from PyPI (clusters bring their own), test tools,
         # nilearn for the MNI152 template the demo set is built from, matplotlib/pillow for
         # PNG previews and figures, fpdf2 to typeset paper.pdf without a
-        # LaTeX install (it lays out text, tables and images in a few lines of Python).
-        "dev": ["mpich", "pytest", "ruff", "nilearn", "matplotlib", "pillow", "fpdf2"],
+        # LaTeX install (it lays out text, tables and images in a few lines of Python),
+        # pymupdf to read paper.pdf back (tests check its text; pages render to PNG for review).
+        "dev": ["mpich", "pytest", "ruff", "nilearn", "matplotlib", "pillow", "fpdf2", "pymupdf"],
     },
 )

@@ -1,9 +1,10 @@
 """Reconstruction benchmark: baselines and diffusion reconstructions on a validation split -> results/.
 
 For each coil setting (single-coil, multi-coil) and acceleration (4×: random mask, centre fraction 0.08;
-8×: equispaced, centre fraction 0.04, fastMRI's conventions), every method is run through the product's
-own command-line scripts (scripts/baseline_recon.py, scripts/image_sample.py, as subprocesses with this
-Python), and its output volumes are scored here against the targets stored in the input files
+8×: equispaced_fraction, centre fraction 0.04, fastMRI's conventions; the fraction variant samples W/8
+columns in total, plain equispaced would add the centre block on top), every method is run through the
+product's own command-line scripts (scripts/baseline_recon.py, scripts/image_sample.py, as subprocesses
+with this Python), and its output volumes are scored here against the targets stored in the input files
 (reconstruction_esc for single-coil, reconstruction_rss for multi-coil) with fastMRI's metrics.
 
 Methods: zero_filled, sense (multi-coil only), l1_wavelet, ddim_project (DDIM, x̂0 projected onto the
@@ -52,7 +53,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO_ROOT, "scripts")
 
 # acceleration -> (mask type, centre fraction): fastMRI's knee 4× and brain 8× protocols.
-PROTOCOLS: Dict[int, Tuple[str, float]] = {4: ("random", 0.08), 8: ("equispaced", 0.04)}
+PROTOCOLS: Dict[int, Tuple[str, float]] = {4: ("random", 0.08), 8: ("equispaced_fraction", 0.04)}
 TARGET_KEYS = {"singlecoil": "reconstruction_esc", "multicoil": "reconstruction_rss"}
 ALL_METHODS = ("zero_filled", "sense", "l1_wavelet", "ddim_project", "ddim_replace", "ancestral_project")
 BASELINES = ("zero_filled", "sense", "l1_wavelet")
