@@ -530,20 +530,31 @@ def run_files(
 
         bar = tqdm(total=total * 1, desc=method_attrs.get("method", "recon"), unit="slice", file=sys.stderr)
     for volume in todo:
-        mine = {}
+        mine, failure = {}, None
         for s in range(rank, volume.num_slices, world):
-            kspace = volume.read_kspace(s)
-            start = time.time()
-            maps = slice_maps(volume, s, kspace)
-            out = reconstruct(volume, s, kspace, maps)
+            try:
+                kspace = volume.read_kspace(s)
+                start = time.time()
+                maps = slice_maps(volume, s, kspace)
+                out = reconstruct(volume, s, kspace, maps)
+            except (BadFileError, ValueError) as err:
+                # Reported after the gather, on every rank: a rank that raised here alone would leave the
+                # others waiting forever in the collective.
+                failure = str(err)
+                break
             out.seconds = time.time() - start
             mine[s] = out
             if bar is not None:
                 bar.update(1)
-        gathered = dist_util.all_gather_object(mine)
+        gathered = dist_util.all_gather_object((mine, failure))
+        failures = [f for _, f in gathered if f is not None]
+        if failures:
+            if bar is not None:
+                bar.close()
+            raise BadFileError(failures[0])
         if rank == 0:
             outputs = {}
-            for part in gathered:
+            for part, _ in gathered:
                 outputs.update(part)
             summary = _write_volume(volume, outputs, output_dir, method_attrs, png, max_png_per_file)
             result.summaries.append(summary)
