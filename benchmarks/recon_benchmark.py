@@ -55,6 +55,17 @@ SCRIPTS = os.path.join(REPO_ROOT, "scripts")
 # acceleration -> (mask type, centre fraction): fastMRI's knee 4× and brain 8× protocols.
 PROTOCOLS: Dict[int, Tuple[str, float]] = {4: ("random", 0.08), 8: ("equispaced_fraction", 0.04)}
 TARGET_KEYS = {"singlecoil": "reconstruction_esc", "multicoil": "reconstruction_rss"}
+# Regularization weights per (method, coil, acceleration) in normalized units, chosen by PSNR on one demo
+# TRAINING volume (demo_*_train_002.h5, slices 3-6; maps estimated as in the benchmark) on a grid from 3e-5
+# to 0.1 in steps of ~3x, never on the validation files (docs/results.md has the sweep).
+BASELINE_LAMBDA: Dict[Tuple[str, str, int], float] = {
+    ("l1_wavelet", "singlecoil", 4): 3e-4,
+    ("l1_wavelet", "singlecoil", 8): 1e-3,
+    ("l1_wavelet", "multicoil", 4): 1e-4,
+    ("l1_wavelet", "multicoil", 8): 3e-2,
+    ("sense", "multicoil", 4): 1e-3,
+    ("sense", "multicoil", 8): 1e-2,
+}
 ALL_METHODS = ("zero_filled", "sense", "l1_wavelet", "ddim_project", "ddim_replace", "ancestral_project")
 BASELINES = ("zero_filled", "sense", "l1_wavelet")
 MAPS_NOTES = {
@@ -88,11 +99,13 @@ def build_methods(args: argparse.Namespace) -> List[Method]:
     """The methods to run, in table order, from the CLI options."""
     ddim = ["--use_ddim", "True", "--timestep_respacing", f"ddim{args.ddim_steps}"]
     ancestral = ["--use_ddim", "False", "--timestep_respacing", str(args.ancestral_steps or "")]
-    common = ["--model_path", args.model_path, "--num_samples", str(args.num_samples), "--t0", str(args.t0)]
+    common = ["--model_path", args.model_path, "--t0", str(args.t0)]
     common += ["--sample_seed", str(args.seed), "--png", "False"]
     if args.batch_size:
         common += ["--batch_size", str(args.batch_size)]
     common += shlex.split(args.sample_args)
+    k_ddim = ["--num_samples", str(args.num_samples)]
+    k_ancestral = ["--num_samples", str(args.ancestral_samples or args.num_samples)]
     base_extra = ["--png", "False"] + shlex.split(args.baseline_args)
     steps = args.ancestral_steps or "T"
     methods = [
@@ -103,21 +116,21 @@ def build_methods(args: argparse.Namespace) -> List[Method]:
             "ddim_project",
             f"DDIM-{args.ddim_steps}, projection",
             "image_sample.py",
-            ddim + ["--dc", "project"] + common,
+            ddim + ["--dc", "project"] + k_ddim + common,
             diffusion=True,
         ),
         Method(
             "ddim_replace",
             f"DDIM-{args.ddim_steps}, replace",
             "image_sample.py",
-            ddim + ["--dc", "replace"] + common,
+            ddim + ["--dc", "replace"] + k_ddim + common,
             diffusion=True,
         ),
         Method(
             "ancestral_project",
             f"Ancestral-{steps}, projection",
             "image_sample.py",
-            ancestral + ["--dc", "project"] + common,
+            ancestral + ["--dc", "project"] + k_ancestral + common,
             diffusion=True,
         ),
     ]
@@ -220,7 +233,7 @@ def prepare_inputs(
 
 
 def method_command(
-    method: Method, input_dir: str, out_dir: str, acceleration: int, overwrite: bool
+    method: Method, coil: str, input_dir: str, out_dir: str, acceleration: int, overwrite: bool
 ) -> List[str]:
     """The subprocess command line of one method on one setting."""
     mask_type, center_fraction = PROTOCOLS[acceleration]
@@ -234,6 +247,9 @@ def method_command(
     ]
     cmd += ["--mask_type", mask_type, "--center_fractions", str(center_fraction)]
     cmd += ["--accelerations", str(acceleration)] + method.args
+    lamda = BASELINE_LAMBDA.get((method.name, coil, acceleration))
+    if lamda is not None and "--lamda" not in method.args:  # --baseline_args "--lamda X" overrides
+        cmd += ["--lamda", str(lamda)]
     if overwrite:
         cmd += ["--overwrite", "True"]
     return cmd
@@ -312,7 +328,7 @@ def run_method(
     run_dir = os.path.join(work_dir, f"{coil}_{acceleration}x", method.name)
     out_dir = os.path.join(run_dir, "recon")
     summary_path = os.path.join(run_dir, "summary.json")
-    cmd = method_command(method, input_dir, out_dir, acceleration, overwrite)
+    cmd = method_command(method, coil, input_dir, out_dir, acceleration, overwrite)
     signature = _signature(cmd, input_dir)
     if not overwrite and os.path.isfile(summary_path):
         with open(summary_path) as f:
@@ -320,7 +336,7 @@ def run_method(
         if summary.get("signature") == signature:
             return summary
         overwrite = True  # the command or the inputs changed: redo every volume
-        cmd = method_command(method, input_dir, out_dir, acceleration, overwrite)
+        cmd = method_command(method, coil, input_dir, out_dir, acceleration, overwrite)
     print(f"[recon_benchmark] {coil} {acceleration}x {method.name}: {' '.join(shlex.quote(c) for c in cmd)}")
     if dry_run:
         return None
@@ -511,6 +527,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--ancestral_steps", type=int, default=0, help="respaced ancestral steps (0 = all T)")
     p.add_argument("--ddim_steps", type=int, default=50)
     p.add_argument("--num_samples", type=int, default=4, help="K posterior samples per slice")
+    p.add_argument(
+        "--ancestral_samples",
+        type=int,
+        default=0,
+        help="K for ancestral_project (0: --num_samples); its chain is much longer",
+    )
     p.add_argument("--t0", default="1.0", help="start time of the reverse chain (image_sample.py --t0)")
     p.add_argument("--batch_size", type=int, default=0, help="image_sample.py --batch_size (0: its default)")
     p.add_argument("--seed", type=int, default=0, help="image_sample.py --sample_seed")
@@ -643,6 +665,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__,
             "num_samples": args.num_samples,
+            "ancestral_samples": args.ancestral_samples or args.num_samples,
             "t0": args.t0,
             "ddim_steps": args.ddim_steps,
             "ancestral_steps": args.ancestral_steps or "T",

@@ -10,8 +10,9 @@ on the scanner's units):
 * ``l1_wavelet``: ``sigpy.mri.app.L1WaveletRecon``, ``min_x ½‖M F S x − y‖² + λ‖Ψ x‖₁`` (Daubechies-4
   wavelets, proximal gradient; Lustig et al. 2007, "Sparse MRI").
 
-Single-coil data use one all-ones map. The default λ values were chosen once on the demo TRAINING split
-(docs/reconstruction.md, "Baselines"); they are not tuned on the validation files.
+Single-coil data use one all-ones map. The default λ values are generic starting points; the best λ
+depends on coils and acceleration, and benchmarks/recon_benchmark.py passes per-setting values chosen on a
+demo TRAINING volume (``BASELINE_LAMBDA``; the sweep is in docs/results.md), never on validation files.
 
 Example:
     python scripts/baseline_recon.py --method l1_wavelet --input demo_data/multicoil_val \
@@ -39,7 +40,7 @@ from improved_diffusion.recon_io import (
 from improved_diffusion.script_util import add_dict_to_argparser
 
 METHODS = ("zero_filled", "sense", "l1_wavelet")
-# Regularization weights in normalized units (image / scale), chosen on the demo training split.
+# Regularization weights in normalized units (image / scale); generic defaults (see the docstring).
 DEFAULT_LAMBDA = {"zero_filled": 0.0, "sense": 0.01, "l1_wavelet": 0.001}
 
 
