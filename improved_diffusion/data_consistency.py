@@ -25,10 +25,8 @@ variances, respaced, DDIM) gets them without a copy of the sampling loop:
   leaves x unchanged outside that support.
 
 :func:`final_data_consistency` is the last step on the output: single-coil exact replacement of the
-sampled k-space; multi-coil with a column mask the exact minimum-norm correction ``x + A^+(y − A x)``,
-solved row by row (a column mask decouples the image rows); multi-coil with a 2-D mask conjugate
-gradients on ``A^H A x = A^H y`` started at the sample (γ = 0, many iterations), which approaches the
-data-consistent image nearest to the sample.
+sampled k-space; multi-coil conjugate gradients on ``A^H A x = A^H y`` started at the sample (γ = 0),
+early-stopped because with estimated maps the exact solution amplifies the data's misfit.
 """
 
 from typing import Callable, Optional
@@ -204,79 +202,19 @@ def replace(
     return x_noisy + op.adjoint(y_t - op.forward(x_noisy))
 
 
-def _column_mask(op: MeasurementOperator) -> Optional[torch.Tensor]:
-    """The mask as a vector ``(W,)`` when it selects whole k-space columns (shared by all), else None."""
-    if op.mask.shape[:-1] != (1, 1, 1) or op.maps.shape[0] != 1:
-        return None
-    return op.mask.reshape(-1)
-
-
-def exact_column_sense_dc(
-    x: torch.Tensor, op: MeasurementOperator, rcond: Optional[float] = None, rows_per_chunk: int = 64
-) -> torch.Tensor:
-    """Exact multi-coil DC for a column mask: the minimum-norm correction ``x + A^+(y − A x)``.
-
-    A column mask samples whole k-space columns, so after an inverse FFT along H the SENSE problem splits
-    into one small problem per image row h: ``A_h = [M F_W diag(S_c[h, :])]_c`` with the W×W normal matrix
-    ``G_h = P ⊙ (S_h^H S_h)``, ``P = F_W^H diag(m) F_W``, ``S_h`` the C×W maps of row h. The correction of
-    row h is ``G_h^+ (A^H(y − A x))[h, :]`` (pseudo-inverse through an eigendecomposition, eigenvalues
-    below ``rcond`` × the largest dropped), computed in double precision, ``rows_per_chunk`` rows at a
-    time to bound memory. The result satisfies ``A x = y`` wherever the measurements are in A's range.
-    ``rcond`` defaults to the machine epsilon of ``x``'s precision (1.2e-7 for complex64): directions the
-    data's precision cannot determine are left alone. Keeping them (1e-9) amplified float32 rounding into
-    visible errors with an oracle prior; dropping more (1e-6) left residuals above 1e-4 (both tested).
-
-    Args:
-        x: complex images ``(B, H, W)``.
-        op: measurement operator with a column mask and maps of batch size 1.
-
-    Returns:
-        complex images ``(B, H, W)`` (x's dtype).
-    """
-    mask = _column_mask(op)
-    if mask is None:
-        raise ValueError("exact_column_sense_dc needs a column mask (1, W) and one set of maps")
-    if rcond is None:
-        rcond = torch.finfo(x.real.dtype).eps
-    w = op.image_shape[1]
-    cdtype, device = torch.complex128, x.device
-    eye = torch.eye(w, dtype=cdtype, device=device)
-    # centered orthonormal 1-D DFT matrix: column j is the transform of the unit vector e_j
-    dft = torch.fft.fftshift(torch.fft.fft(torch.fft.ifftshift(eye, dim=0), dim=0, norm="ortho"), dim=0)
-    proj = dft.conj().T @ (mask.to(cdtype)[:, None] * dft)
-    op64 = MeasurementOperator(op.y.to(cdtype), op.mask.double(), op.maps.to(cdtype))
-    x64 = x.to(cdtype)
-    rhs = op64.adjoint(op64.y - op64.forward(x64))  # (B, H, W); row h is A_h^H of its residual
-    maps = op64.maps[0]  # (C, H, W)
-    delta = torch.zeros_like(rhs)
-    for start in range(0, op.image_shape[0], rows_per_chunk):
-        rows = slice(start, start + rows_per_chunk)
-        s = maps[:, rows, :].permute(1, 0, 2)  # (R, C, W)
-        gram = proj * (s.conj().transpose(-1, -2) @ s)  # (R, W, W), Hermitian PSD
-        evals, evecs = torch.linalg.eigh(gram)
-        keep = evals > rcond * evals.amax(dim=-1, keepdim=True).clamp_min(1e-300)
-        inv = torch.where(
-            keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), torch.zeros_like(evals)
-        )
-        b = rhs[:, rows, :].permute(1, 2, 0)  # (R, W, B)
-        d = evecs @ (inv.to(cdtype)[..., None] * (evecs.conj().transpose(-1, -2) @ b))
-        delta[:, rows, :] = d.permute(2, 0, 1)
-    return (x64 + delta).to(x.dtype)
-
-
-def final_data_consistency(x: torch.Tensor, op: MeasurementOperator, cg_iters: int = 100) -> torch.Tensor:
+def final_data_consistency(x: torch.Tensor, op: MeasurementOperator, cg_iters: int = 30) -> torch.Tensor:
     """The last DC step on a finished sample (complex images ``(B, H, W)``).
 
-    Single-coil: exact replacement of the sampled k-space. Multi-coil with a column mask (fastMRI's
-    Cartesian masks): the exact minimum-norm correction of :func:`exact_column_sense_dc`. Multi-coil with
-    a 2-D mask: ``cg_iters`` conjugate-gradient iterations on ``A^H A x = A^H y`` from the sample (γ = 0)
-    in double precision, which approaches the consistent image nearest to the sample; CG converges
-    slowly on ill-conditioned SENSE problems, so the residual is reported (``ReconResult.residual``).
+    Single-coil: exact replacement of the sampled k-space. Multi-coil: ``cg_iters`` conjugate-gradient
+    iterations on ``A^H A x = A^H y`` started at the sample (γ = 0), in double precision. When the
+    measurements lie in the range of ``A`` (maps that explain the data) this reaches the consistent image
+    nearest to the sample (residual ~1e-6, tested). With estimated maps they do not, and the exact
+    least-squares solution amplifies the misfit through SENSE's small singular values (measured on a
+    demo training volume, multi-coil 4×: 28.7 dB before, 30.6 dB after 30 iterations, 26.5 dB after 100,
+    8 dB for the exact minimum-norm solution), so the iteration count is also the regularization.
     """
     if op.single_coil:
         return project(x, op, gamma=0.0)
-    if _column_mask(op) is not None:
-        return exact_column_sense_dc(x, op)
     op64 = MeasurementOperator(op.y.to(torch.complex128), op.mask.double(), op.maps.to(torch.complex128))
     out = conjugate_gradient(op64.normal, op64.adjoint(op64.y), x.to(torch.complex128), cg_iters, tol=1e-8)
     return out.to(x.dtype)

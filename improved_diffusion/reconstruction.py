@@ -56,7 +56,7 @@ class ReconOptions:
     gamma: float = 0.0
     cg_iters: int = 5
     final_dc: bool = True
-    final_cg_iters: int = 100
+    final_cg_iters: int = 30
     clip: str = "magnitude"
     clip_value: float = 1.0
     eta: float = 0.0

@@ -9,7 +9,6 @@ from improved_diffusion.data_consistency import (
     MeasurementOperator,
     bound_x0,
     conjugate_gradient,
-    exact_column_sense_dc,
     final_data_consistency,
     project,
     replace,
@@ -96,24 +95,6 @@ def test_multicoil_project_and_final_are_consistent():
     final = final_data_consistency(few, op, cg_iters=100)
     assert final.dtype == few.dtype
     assert op.residual(final).max() < 1e-4
-
-
-def test_exact_column_dc_is_the_minimum_norm_correction():
-    """x + A^+(y - A x) with A as a dense matrix (small problem, complex128) equals the row-wise solver."""
-    gen = torch.Generator().manual_seed(5)
-    h, w, coils = 6, 9, 3
-    maps = _smooth_maps(coils, h, w, gen).to(torch.complex128)
-    mask = _column_mask(w, gen, frac=0.3).double()
-    y = mask * fft2c(maps * _crandn(h, w, gen=gen).to(torch.complex128))
-    op = MeasurementOperator(y, mask, maps)
-    x = _crandn(2, h, w, gen=gen).to(torch.complex128)
-    basis = torch.eye(h * w, dtype=torch.complex128).reshape(h * w, h, w)
-    a = op.forward(basis).reshape(h * w, -1).T  # (C*H*W, H*W): column j = A e_j
-    residual = (op.y - op.forward(x)).reshape(2, -1)
-    want = x + (torch.linalg.pinv(a) @ residual.T).T.reshape(2, h, w)
-    got = exact_column_sense_dc(x, op)
-    assert torch.allclose(got, want, atol=1e-8)
-    assert op.residual(got).max() < 1e-8
 
 
 def test_conjugate_gradient_matches_dense_solve():

@@ -105,6 +105,8 @@ def _sample_args(setup, out, *extra):
         "--model_path", setup["ckpt"], "--input", setup["data"], "--output_dir", str(out), *MASK_ARGS,
         "--use_ddim", "True", "--timestep_respacing", "4", "--t0", "0.5", "--num_samples", "2",
         "--progress", "False",
+        # consistent data with R = 4 > 3 coils: CG needs more than the default 30 iterations to reach 1e-4
+        "--final_cg_iters", "300",
         *extra,
     ]  # fmt: skip
 
