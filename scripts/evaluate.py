@@ -83,8 +83,10 @@ def evaluate_folder(predictions_dir: str, targets_dir: str, target_key: str = ""
             )
         common = (min(pred.shape[1], target.shape[1]), min(pred.shape[2], target.shape[2]))
         pred, target = center_crop_np(pred, common), center_crop_np(target, common)
-        method = attrs.get("method", os.path.basename(os.path.normpath(predictions_dir)))
-        row = {"method": str(method), "predictions_dir": predictions_dir, "file": name, "target": key}
+        method = str(attrs.get("method", os.path.basename(os.path.normpath(predictions_dir))))
+        if method == "diffusion":  # tell the samplers and data-consistency modes apart
+            method += f" ({attrs.get('sampler', '?')}, dc={attrs.get('dc', '?')})"
+        row = {"method": method, "predictions_dir": predictions_dir, "file": name, "target": key}
         row.update(volume_metrics(target, pred))
         rows.append(row)
     return rows
@@ -108,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     csv_rows = []
-    header = f"{'method':<24} {'volumes':>7}  {'NMSE':>17}  {'PSNR (dB)':>15}  {'SSIM':>15}  target"
+    header = f"{'method':<32} {'volumes':>7}  {'NMSE':>17}  {'PSNR (dB)':>15}  {'SSIM':>15}  target"
     print(header)
     print("-" * len(header))
     for folder, rows in results:
@@ -116,7 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         targets = ",".join(sorted({r["target"] for r in rows}))
         label = rows[0]["method"] if len({r["method"] for r in rows}) == 1 else os.path.basename(folder)
         print(
-            f"{label:<24} {len(rows):>7}  {s['nmse']:.4f} ± {s['nmse_std']:.4f}  "
+            f"{label:<32} {len(rows):>7}  {s['nmse']:.4f} ± {s['nmse_std']:.4f}  "
             f"{s['psnr']:6.2f} ± {s['psnr_std']:5.2f}  {s['ssim']:.4f} ± {s['ssim_std']:.4f}  {targets}"
         )
         csv_rows.extend(rows)

@@ -41,9 +41,6 @@ from improved_diffusion.script_util import (
     str2bool,
 )
 
-# Model/diffusion keys a user may change at sampling time (they do not change the network).
-SAMPLING_KEYS = ("timestep_respacing",)
-
 # The committed demo model (README "Train" has the command that made it): the default, so the quick start
 # reconstructs the demo data without training first.
 DEMO_MODEL = os.path.join(
