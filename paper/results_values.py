@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 # name -> (path relative to the results dir, what writes it)
+# Optional: a second recon_benchmark.py run (--results_dir results/ddim_vs_ancestral) that puts DDIM beside
+# the many-step ancestral chain on a subset of slices, where running that chain on every slice is too slow.
+STEPS_FILE = os.path.join("ddim_vs_ancestral", "recon_metrics.csv")
+
 RESULT_FILES: Dict[str, tuple] = {
     "recon_metrics": ("recon_metrics.csv", "benchmarks/recon_benchmark.py"),
     "recon_figure": ("recon_figure.png", "benchmarks/recon_benchmark.py"),
@@ -52,6 +56,8 @@ class Results:
         lists: generated bullet lists (``::: list NAME`` blocks), e.g. one sentence per setting.
         recon_rows: rows of recon_metrics.csv (strings), in file order.
         train_speed_rows: rows of train_speed.csv (strings), in file order.
+        steps_rows: rows for the DDIM-versus-ancestral comparison: ``STEPS_FILE`` when that optional run
+            exists (the long ancestral chain on a subset of slices), else ``recon_rows``.
         paths: name -> absolute path of each results file.
         missing: names of the results files that were not found.
     """
@@ -60,6 +66,7 @@ class Results:
     lists: Dict[str, List[str]] = field(default_factory=dict)
     recon_rows: List[Dict[str, str]] = field(default_factory=list)
     train_speed_rows: List[Dict[str, str]] = field(default_factory=list)
+    steps_rows: List[Dict[str, str]] = field(default_factory=list)
     paths: Dict[str, str] = field(default_factory=dict)
     missing: List[str] = field(default_factory=list)
 
@@ -172,6 +179,11 @@ def load_results(results_dir: str) -> Results:
     if "recon_metrics" not in res.missing:
         res.recon_rows = read_csv_rows(res.paths["recon_metrics"], RECON_COLUMNS)
         res.values.update(recon_values(res.recon_rows))
+    steps_path = os.path.join(results_dir, STEPS_FILE)
+    if os.path.isfile(steps_path):
+        res.steps_rows = read_csv_rows(steps_path, RECON_COLUMNS)
+    else:
+        res.steps_rows = res.recon_rows
     if "benchmark_info" not in res.missing:
         with open(res.paths["benchmark_info"]) as f:
             info = json.load(f)
@@ -270,7 +282,8 @@ def ddim_vs_ancestral_items(rows: List[Dict[str, str]], tolerance_db: float = 0.
         items.append(
             f"{COIL_NAMES.get(coil, coil).capitalize()} {acc}×: {ddim['label']} "
             f"({fmt_number(ddim['nfe'], 0)} NFE) {_psnr(ddim)} vs. {anc['label']} "
-            f"({fmt_number(anc['nfe'], 0)} NFE) {_psnr(anc)}: {delta:+.2f} dB, {verdict} {tolerance_db} dB."
+            f"({fmt_number(anc['nfe'], 0)} NFE) {_psnr(anc)}: {delta:+.2f} dB, {verdict} {tolerance_db} dB "
+            f"({fmt_number(anc['num_slices'], 0)} slices, K = {fmt_number(anc['num_samples'], 0)})."
         )
     return items
 
@@ -306,9 +319,9 @@ def add_generated_text(res: Results) -> None:
     """Add generated sentences (``text.*`` values, ``lists``); they state only what the numbers say."""
     rows = res.recon_rows
     res.values["text.abstract_results"] = abstract_summary(rows)
-    res.values["text.ddim_vs_ancestral"] = ddim_vs_ancestral(rows)
+    res.values["text.ddim_vs_ancestral"] = ddim_vs_ancestral(res.steps_rows)
     res.values["text.uncertainty"] = " ".join(uncertainty_items(rows))
     res.lists["settings"] = [setting_summary(rows, c, a) for c, a in _settings(rows)]
-    anc = ddim_vs_ancestral_items(rows)
-    res.lists["ddim_vs_ancestral"] = anc if anc else [ddim_vs_ancestral(rows)]
+    anc = ddim_vs_ancestral_items(res.steps_rows)
+    res.lists["ddim_vs_ancestral"] = anc if anc else [ddim_vs_ancestral(res.steps_rows)]
     res.lists["uncertainty"] = uncertainty_items(rows)
