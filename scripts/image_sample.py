@@ -44,7 +44,7 @@ from improved_diffusion.script_util import (
 # The committed demo model (README "Train" has the command that made it): the default, so the quick start
 # reconstructs the demo data without training first.
 DEMO_MODEL = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "demo", "ema_0.999_006000.pt"
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "demo", "ema_0.999_002321.pt"
 )
 
 
