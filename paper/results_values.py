@@ -107,7 +107,8 @@ def recon_key(row: Dict[str, str]) -> str:
 
 
 def _flatten(prefix: str, obj: Any, out: Dict[str, str]) -> None:
-    """Flatten nested JSON into dotted keys; floats keep 2 decimals, ints stay ints."""
+    """Flatten nested JSON into dotted keys; floats keep 2 decimals (3 significant digits below 0.01, so a
+    learning rate of 2e-4 does not print as 0.00), ints stay ints."""
     if isinstance(obj, dict):
         for k, v in obj.items():
             _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
@@ -116,7 +117,7 @@ def _flatten(prefix: str, obj: Any, out: Dict[str, str]) -> None:
     elif isinstance(obj, int):
         out[prefix] = str(obj)
     elif isinstance(obj, float):
-        out[prefix] = fmt_number(obj, 2)
+        out[prefix] = f"{obj:.3g}" if 0 < abs(obj) < 0.01 else fmt_number(obj, 2)
     elif isinstance(obj, (list, tuple)):
         out[prefix] = "×".join(str(v) for v in obj) if all(isinstance(v, int) for v in obj) else str(obj)
     elif obj is None:
