@@ -2,8 +2,9 @@
 
 Works unchanged as a plain process, under ``mpiexec -n N`` and under ``torchrun --nproc_per_node N``::
 
-    python scripts/image_train.py --data_dir demo_data/train --log_dir logs/run1 \\
-        --image_size 128 --num_channels 64 --batch_size 4 --ema_rate 0.9999,0.999 --ema_warmup True
+    python scripts/image_train.py --data_dir demo_data/singlecoil_train,demo_data/multicoil_train \\
+        --log_dir logs/run1 --image_size 128 --num_channels 64 --batch_size 4 --ema_rate 0.9999,0.999 \\
+        --ema_warmup True
 
 Every flag is listed by ``--help``; docs/training.md explains them, the checkpoint files and resuming.
 """
