@@ -104,7 +104,7 @@ class Method:
 
 def build_methods(args: argparse.Namespace) -> List[Method]:
     """The methods to run, in table order, from the CLI options."""
-    ddim = ["--use_ddim", "True", "--timestep_respacing", f"ddim{args.ddim_steps}"]
+    ddim = ["--use_ddim", "True", "--timestep_respacing", f"ddim{args.ddim_steps}", "--eta", str(args.eta)]
     ancestral = ["--use_ddim", "False", "--timestep_respacing", str(args.ancestral_steps or "")]
     common = ["--model_path", args.model_path, "--t0", str(args.t0)]
     common += ["--sample_seed", str(args.seed), "--png", "False"]
@@ -540,6 +540,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--ddim_steps", type=int, default=50)
     p.add_argument("--num_samples", type=int, default=4, help="K posterior samples per slice")
     p.add_argument(
+        "--eta", type=float, default=1.0, help="DDIM eta (1.0 chosen on a training volume; docs/results.md)"
+    )
+    p.add_argument(
         "--ancestral_samples",
         type=int,
         default=0,
@@ -680,6 +683,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "ancestral_samples": args.ancestral_samples or args.num_samples,
             "t0": args.t0,
             "ddim_steps": args.ddim_steps,
+            "eta": args.eta,
             "ancestral_steps": args.ancestral_steps or "T",
             "center_fraction_4x": PROTOCOLS[4][1],
             "center_fraction_8x": PROTOCOLS[8][1],

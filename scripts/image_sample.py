@@ -7,7 +7,7 @@ mask flags; inputs that carry a ``mask`` are used as they are. See docs/reconstr
 Example:
     python scripts/image_sample.py --input demo_data/singlecoil_val \
         --output_dir recon_out/diffusion --mask_type random --accelerations 4 --center_fractions 0.08 \
-        --use_ddim True --timestep_respacing ddim50 --t0 0.2 --num_samples 4
+        --use_ddim True --timestep_respacing ddim50 --eta 1.0 --t0 0.2 --num_samples 4
 (the committed demo checkpoint is the default ``--model_path``).
 Distributed: ``mpiexec -n 2 python scripts/image_sample.py ...`` or ``torchrun --nproc_per_node 2 ...``
 (slices are sharded over ranks; rank 0 writes).
