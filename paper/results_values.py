@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional
 
 # name -> (path relative to the results dir, what writes it)
 # Optional: a second recon_benchmark.py run (--results_dir results/ddim_vs_ancestral) that puts DDIM beside
-# the many-step ancestral chain on a subset of slices, where running that chain on every slice is too slow.
+# the many-step ancestral chain with its own settings (e.g. K = 1, or a subset of slices with --max_slices),
+# since the long chain with the main run's K on every slice can be too slow.
 STEPS_FILE = os.path.join("ddim_vs_ancestral", "recon_metrics.csv")
 
 RESULT_FILES: Dict[str, tuple] = {
@@ -57,7 +58,7 @@ class Results:
         recon_rows: rows of recon_metrics.csv (strings), in file order.
         train_speed_rows: rows of train_speed.csv (strings), in file order.
         steps_rows: rows for the DDIM-versus-ancestral comparison: ``STEPS_FILE`` when that optional run
-            exists (the long ancestral chain on a subset of slices), else ``recon_rows``.
+            exists, else ``recon_rows``.
         paths: name -> absolute path of each results file.
         missing: names of the results files that were not found.
     """
