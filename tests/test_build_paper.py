@@ -51,6 +51,7 @@ FAKE_INFO = {
         "num_samples": 2,
         "t0": "0.2",
         "ddim_steps": 5,
+        "eta": 1.0,
         "center_fraction_4x": 0.08,
         "center_fraction_8x": 0.04,
         "maps_note": "estimated",
