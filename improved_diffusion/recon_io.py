@@ -622,6 +622,14 @@ def _write_volume(
     return summary
 
 
+def report_error(err: BaseException) -> int:
+    """Print an input error as ``error: <line>`` lines on stderr (rank 0 only); the scripts' exit status 2."""
+    if dist_util.is_main_process():
+        for line in str(err).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+    return 2
+
+
 def print_report(result: RunResult, output_dir: str, label: str) -> None:
     """One line per written volume (seconds per slice, NFE, data residual, metrics vs which target)."""
     for name in result.skipped:

@@ -35,6 +35,7 @@ from improved_diffusion.recon_io import (
     list_inputs,
     mask_spec_from_args,
     print_report,
+    report_error,
     run_files,
 )
 from improved_diffusion.script_util import add_dict_to_argparser
@@ -172,10 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             progress=args.progress,
         )
     except (BadFileError, ValueError, FileNotFoundError) as err:
-        if dist_util.is_main_process():
-            for line in str(err).splitlines():
-                print(f"error: {line}", file=sys.stderr)
-        return 2
+        return report_error(err)
     if dist_util.is_main_process():
         print_report(result, args.output_dir, f"{args.method} (lambda {lamda:g})")
     return 0

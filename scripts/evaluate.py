@@ -23,7 +23,7 @@ import numpy as np
 
 from improved_diffusion.fastmri_data import BadFileError
 from improved_diffusion.mri.metrics import volume_metrics
-from improved_diffusion.recon_io import TARGET_KEYS, center_crop_np, write_csv
+from improved_diffusion.recon_io import TARGET_KEYS, center_crop_np, report_error, write_csv
 
 METRICS = ("nmse", "psnr", "ssim")
 CSV_FIELDS = ("method", "predictions_dir", "file", "target", "nmse", "psnr", "ssim")
@@ -106,9 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         results = [(d, evaluate_folder(d, args.targets_dir, args.target_key)) for d in args.predictions_dir]
     except BadFileError as err:
-        for line in str(err).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+        return report_error(err)
     csv_rows = []
     header = f"{'method':<32} {'volumes':>7}  {'NMSE':>17}  {'PSNR (dB)':>15}  {'SSIM':>15}  target"
     print(header)

@@ -29,6 +29,7 @@ from improved_diffusion.recon_io import (
     list_inputs,
     mask_spec_from_args,
     print_report,
+    report_error,
     run_files,
     seed_for_slice,
 )
@@ -242,10 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             progress=args.progress,
         )
     except (BadFileError, ValueError, FileNotFoundError) as err:
-        if dist_util.is_main_process():
-            for line in str(err).splitlines():
-                print(f"error: {line}", file=sys.stderr)
-        return 2
+        return report_error(err)
     if dist_util.is_main_process():
         print_report(result, args.output_dir, f"diffusion ({options.sampler}, dc={options.dc})")
     return 0
