@@ -21,7 +21,8 @@ setup(
         # nilearn for the MNI152 template the demo set is built from, matplotlib/pillow for
         # PNG previews and figures, fpdf2 to typeset paper.pdf without a
         # LaTeX install (it lays out text, tables and images in a few lines of Python),
-        # pymupdf to read paper.pdf back (tests check its text; pages render to PNG for review).
-        "dev": ["mpich", "pytest", "ruff", "nilearn", "matplotlib", "pillow", "fpdf2", "pymupdf"],
+        # pymupdf to read paper.pdf back (tests check its text; pages render to PNG for review),
+        # dipy for the real scans inside its wheel (dipy/data/files) that the held-out set is built from.
+        "dev": ["mpich", "pytest", "ruff", "nilearn", "matplotlib", "pillow", "fpdf2", "pymupdf", "dipy"],
     },
 )

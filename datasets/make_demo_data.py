@@ -139,10 +139,10 @@ def simulate_kspace(
     return k.astype(np.complex64)
 
 
-def ismrmrd_header(size: int) -> str:
+def ismrmrd_header(size: int, fov_mm: float = FOV) -> str:
     """Minimal ISMRMRD XML with the fields fastMRI's SliceDataset reads (matrix sizes, encoding limits)."""
     matrix = f"<matrixSize><x>{size}</x><y>{size}</y><z>1</z></matrixSize>"
-    fov = f"<fieldOfView_mm><x>{FOV}</x><y>{FOV}</y><z>1</z></fieldOfView_mm>"
+    fov = f"<fieldOfView_mm><x>{fov_mm:g}</x><y>{fov_mm:g}</y><z>1</z></fieldOfView_mm>"
     space = matrix + fov
     limits = (
         f"<kspace_encoding_step_1><minimum>0</minimum><maximum>{size - 1}</maximum>"
