@@ -22,6 +22,7 @@ from .nn import mean_flat
 
 Model = Callable[..., torch.Tensor]
 StepFn = Callable[[torch.Tensor, int], torch.Tensor]
+DenoisedFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x0, t) -> x0
 
 
 def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) -> np.ndarray:
@@ -231,7 +232,7 @@ class GaussianDiffusion:
         x: torch.Tensor,
         t: torch.Tensor,
         clip_denoised: bool = True,
-        denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        denoised_fn: Optional[DenoisedFn] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
     ) -> Dict[str, torch.Tensor]:
         """Apply the model to get p(x_{t-1} | x_t) and the predicted x_0.
@@ -241,7 +242,8 @@ class GaussianDiffusion:
             x: (B, C, ...) the noisy input at step t.
             t: (B,) step indices.
             clip_denoised: clip the predicted x_0 to [-1, 1].
-            denoised_fn: applied to the predicted x_0 before clipping (e.g. data consistency).
+            denoised_fn: ``denoised_fn(x0, t)`` applied to the predicted x_0 before clipping (e.g. data
+                consistency); unlike upstream it also gets the step ``t`` (B,), whose noise level DC needs.
             model_kwargs: extra keyword arguments for the model (e.g. class labels ``y``).
 
         Returns:
@@ -290,7 +292,7 @@ class GaussianDiffusion:
 
         def process_xstart(x0: torch.Tensor) -> torch.Tensor:
             if denoised_fn is not None:
-                x0 = denoised_fn(x0)
+                x0 = denoised_fn(x0, t)
             return x0.clamp(-1, 1) if clip_denoised else x0
 
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
@@ -345,7 +347,7 @@ class GaussianDiffusion:
         x: torch.Tensor,
         t: torch.Tensor,
         clip_denoised: bool = True,
-        denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        denoised_fn: Optional[DenoisedFn] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
     ) -> Dict[str, torch.Tensor]:
         """Sample x_{t-1} ~ p(x_{t-1} | x_t). Returns {"sample": (B, ...), "pred_xstart": (B, ...)}."""
@@ -363,7 +365,7 @@ class GaussianDiffusion:
         shape: Sequence[int],
         noise: Optional[torch.Tensor] = None,
         clip_denoised: bool = True,
-        denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        denoised_fn: Optional[DenoisedFn] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
         device: Optional[Union[str, torch.device]] = None,
         progress: bool = False,
@@ -406,7 +408,7 @@ class GaussianDiffusion:
         shape: Sequence[int],
         noise: Optional[torch.Tensor] = None,
         clip_denoised: bool = True,
-        denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        denoised_fn: Optional[DenoisedFn] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
         device: Optional[Union[str, torch.device]] = None,
         progress: bool = False,
@@ -478,7 +480,7 @@ class GaussianDiffusion:
         x: torch.Tensor,
         t: torch.Tensor,
         clip_denoised: bool = True,
-        denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        denoised_fn: Optional[DenoisedFn] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
         eta: float = 0.0,
     ) -> Dict[str, torch.Tensor]:
@@ -512,7 +514,7 @@ class GaussianDiffusion:
         x: torch.Tensor,
         t: torch.Tensor,
         clip_denoised: bool = True,
-        denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        denoised_fn: Optional[DenoisedFn] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
         eta: float = 0.0,
     ) -> Dict[str, torch.Tensor]:
@@ -533,7 +535,7 @@ class GaussianDiffusion:
         shape: Sequence[int],
         noise: Optional[torch.Tensor] = None,
         clip_denoised: bool = True,
-        denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        denoised_fn: Optional[DenoisedFn] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
         device: Optional[Union[str, torch.device]] = None,
         progress: bool = False,
@@ -565,7 +567,7 @@ class GaussianDiffusion:
         shape: Sequence[int],
         noise: Optional[torch.Tensor] = None,
         clip_denoised: bool = True,
-        denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        denoised_fn: Optional[DenoisedFn] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
         device: Optional[Union[str, torch.device]] = None,
         progress: bool = False,

@@ -9,13 +9,19 @@ Inputs are fastMRI-format h5 files (see docs/reconstruction.md):
   (one mask per volume, seeded from the file name by default, as fastMRI's validation masks);
 * optional ``sens_maps`` (same shape as ``kspace``), otherwise maps are estimated per slice with
   :func:`improved_diffusion.mri.espirit.estimate_sens_maps` from the sampled k-space centre;
+* optional ``noise``: a noise scan ``(samples, coils)`` (or ``(samples,)`` single-coil), complex, as
+  ISMRMRD raw data carry; otherwise the noise is estimated from the data
+  (:mod:`improved_diffusion.mri.noise`), unless ``--noise_std`` gives it;
 * optional target ``reconstruction_rss`` (multi-coil) or ``reconstruction_esc`` (single-coil).
 
 Outputs per input file, same file name, in the output folder (all written atomically):
 
 * ``<name>.h5``: ``reconstruction`` (slices, h, w) float32 magnitude at the target's crop (the full image
   when there is no target), ``reconstruction_std`` (same shape), ``reconstruction_complex``
-  (slices, H, W) complex64 on the full grid, ``mask``; attrs describe the method and the run;
+  (slices, H, W) complex64 on the full grid, ``mask``; attrs describe the method and the run, with per
+  slice ``noise_std`` (complex std of a whitened k-space sample), ``noise_residual_ratio``
+  (``‖A x − y‖ / (noise_std sqrt(N))``, about 1 when the output fits the data to the noise level) and
+  ``calib_misfit`` (how well the maps explain the calibration data, 1 = to the noise level);
 * ``png/<stem>_sliceNNN.png`` previews: zero-filled | reconstruction | target | |error| | std;
 * ``metrics/<stem>.csv`` per-slice and per-volume NMSE/PSNR/SSIM against the target, and a summary
   ``metrics.csv`` over all volumes in the folder.
@@ -33,7 +39,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
-import torch
 
 from . import dist_util
 from .fastmri_data import BadFileError
@@ -43,8 +48,9 @@ from .mri.subsample import MASK_TYPES, create_mask_for_mask_type, effective_acce
 KSPACE_KEY = "kspace"
 MASK_KEY = "mask"
 MAPS_KEY = "sens_maps"
+NOISE_KEY = "noise"
 TARGET_KEYS = {True: "reconstruction_rss", False: "reconstruction_esc"}  # by multicoil
-METRIC_FIELDS = ("file", "slice", "target", "nmse", "psnr", "ssim")
+METRIC_FIELDS = ("file", "slice", "target", "nmse", "psnr", "ssim", "noise_residual_ratio")
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -108,6 +114,7 @@ class Volume:
         acceleration: nominal acceleration; effective_acceleration: points / sampled points.
         num_low_frequencies: fully sampled centre columns (None when unknown).
         has_maps: the file holds ``sens_maps``.
+        has_noise: the file holds a ``noise`` scan.
         target_key: the target dataset in the file, or None.
         target_shape: (h, w) of the target (the output crop), or the k-space shape without a target.
     """
@@ -123,6 +130,7 @@ class Volume:
     effective_acceleration: float
     num_low_frequencies: Optional[int]
     has_maps: bool
+    has_noise: bool
     target_key: Optional[str]
     target_shape: Tuple[int, int]
 
@@ -142,6 +150,14 @@ class Volume:
             return None
         with h5py.File(self.path, "r") as f:
             return np.asarray(f[MAPS_KEY][slice_idx], dtype=np.complex64)
+
+    def read_noise(self) -> Optional[np.ndarray]:
+        """The file's noise scan ``(samples, coils)`` complex, or None."""
+        if not self.has_noise:
+            return None
+        with h5py.File(self.path, "r") as f:
+            noise = np.asarray(f[NOISE_KEY][()])
+        return noise.reshape(-1, 1) if noise.ndim == 1 else noise
 
     def read_target(self) -> Optional[np.ndarray]:
         """The target volume ``(slices, h, w)`` float32, or None."""
@@ -210,6 +226,19 @@ def open_volume(path: str, spec: MaskSpec) -> Volume:
                         f"'{MAPS_KEY}' {maps.shape} {maps.dtype} does not match '{KSPACE_KEY}' {ksp.shape} "
                         "(complex maps, one per coil, are needed)"
                     )
+            has_noise = NOISE_KEY in f
+            if has_noise:
+                noise = f[NOISE_KEY]
+                coils = max(num_coils, 1)
+                if (
+                    noise.dtype.kind != "c"
+                    or noise.ndim not in (1, 2)
+                    or (noise.ndim == 2 and noise.shape[1] != coils)
+                ):
+                    raise bad(
+                        f"'{NOISE_KEY}' {noise.shape} {noise.dtype} must be a complex noise scan "
+                        f"(samples, {coils})"
+                    )
             if MASK_KEY in f:
                 mask, mask_type, num_low = _file_mask(np.asarray(f[MASK_KEY][()]), shape, bad), "file", None
                 acceleration = float(f.attrs.get("acceleration", effective_acceleration(mask, shape)))
@@ -257,6 +286,7 @@ def open_volume(path: str, spec: MaskSpec) -> Volume:
         effective_acceleration=eff,
         num_low_frequencies=None if num_low is None else int(num_low),
         has_maps=has_maps,
+        has_noise=has_noise,
         target_key=target_key,
         target_shape=target_shape,
     )
@@ -279,35 +309,6 @@ def _file_mask(mask: np.ndarray, shape: Tuple[int, int], bad: Callable[[str], Ba
     if not out.any():
         raise bad(f"'{MASK_KEY}' samples no k-space point")
     return out
-
-
-def estimate_maps(kspace, mask) -> torch.Tensor:
-    """ESPIRiT maps ``(C, H, W)`` complex64 of one slice from its sampled k-space centre.
-
-    Args:
-        kspace: masked k-space ``(C, H, W)`` (torch or numpy, complex).
-        mask: mask broadcastable to ``(H, W)``.
-    """
-    from .mri.espirit import estimate_sens_maps  # lazy: sigpy import costs seconds
-
-    ksp = torch.as_tensor(kspace).detach().cpu().numpy().astype(np.complex64)
-    m = np.broadcast_to(torch.as_tensor(mask).detach().cpu().numpy(), ksp.shape[-2:]).astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(estimate_sens_maps(ksp, mask=m)).astype(np.complex64))
-
-
-def slice_maps(volume: Volume, slice_idx: int, kspace: np.ndarray) -> Optional[torch.Tensor]:
-    """Maps of a slice: the file's ``sens_maps`` or ESPIRiT from the masked k-space; None for single-coil."""
-    if not volume.multicoil:
-        return None
-    maps = volume.read_maps(slice_idx)
-    if maps is not None:
-        return torch.from_numpy(maps)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        maps = estimate_maps(kspace, volume.mask)
-    for w in caught:  # one short line instead of Python's two-line warning format
-        print(f"warning: {volume.name} slice {slice_idx}: {w.message}", file=sys.stderr)
-    return maps
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -413,16 +414,34 @@ def write_preview_png(path: str, panels: Sequence[Tuple[str, Optional[np.ndarray
     atomic_write(path, write)
 
 
-def metric_rows(name: str, target: np.ndarray, recon: np.ndarray, target_key: str) -> List[Dict[str, Any]]:
-    """Per-slice rows and one ``volume`` row of NMSE/PSNR/SSIM (fastMRI's: data range = volume max)."""
+def metric_rows(
+    name: str, target: np.ndarray, recon: np.ndarray, target_key: str, noise_ratio: Sequence[float]
+) -> List[Dict[str, Any]]:
+    """Per-slice rows and one ``volume`` row of NMSE/PSNR/SSIM (fastMRI's: data range = volume max), with
+    each slice's ``noise_residual_ratio`` (the volume row: their mean)."""
     maxval = float(target.max())
     rows = []
     for i in range(target.shape[0]):
         m = mri_metrics.volume_metrics(target[i : i + 1], recon[i : i + 1], maxval=maxval)
-        rows.append({"file": name, "slice": i, "target": target_key, **m})
+        rows.append(
+            {"file": name, "slice": i, "target": target_key, **m, "noise_residual_ratio": noise_ratio[i]}
+        )
     m = mri_metrics.volume_metrics(target, recon)
-    rows.append({"file": name, "slice": "volume", "target": target_key, **m})
+    rows.append(
+        {
+            "file": name,
+            "slice": "volume",
+            "target": target_key,
+            **m,
+            "noise_residual_ratio": _nanmean(noise_ratio),
+        }
+    )
     return rows
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
 def write_metrics_summary(output_dir: str) -> Optional[str]:
@@ -445,15 +464,43 @@ def write_metrics_summary(output_dir: str) -> Optional[str]:
 
 
 @dataclass
+class SliceInput:
+    """What one slice's reconstruction gets from its file (numpy, as measured: not yet whitened).
+
+    Attributes:
+        kspace: masked k-space ``(H, W)`` or ``(C, H, W)`` complex64.
+        mask: the volume's mask, broadcastable to ``(H, W)``.
+        maps: the file's ``sens_maps`` of this slice ``(C, H, W)``, or None (estimate them).
+        noise_scan: the file's ``noise`` scan ``(samples, coils)``, or None.
+        noise_std: the ``--noise_std`` override (None: not given).
+    """
+
+    kspace: np.ndarray
+    mask: np.ndarray
+    maps: Optional[np.ndarray] = None
+    noise_scan: Optional[np.ndarray] = None
+    noise_std: Optional[float] = None
+
+
+@dataclass
 class SliceOutput:
-    """One reconstructed slice (numpy, full k-space grid, the input's intensity units)."""
+    """One reconstructed slice (numpy, full k-space grid, the input's intensity units).
+
+    ``magnitude`` is what the output's ``reconstruction`` holds: the RSS-equivalent magnitude for
+    multi-coil data (:mod:`improved_diffusion.mri.coils`), ``|mean|`` for single-coil data.
+    """
 
     mean: np.ndarray  # (H, W) complex
+    magnitude: np.ndarray  # (H, W) real
     std: np.ndarray  # (H, W) real
-    zero_filled: np.ndarray  # (H, W) complex
-    seconds: float
+    zero_filled: np.ndarray  # (H, W) real magnitude
+    seconds: float = 0.0
     nfe: int = 0
     residual: float = float("nan")
+    noise_std: float = float("nan")
+    noise_source: str = ""
+    noise_ratio: float = float("nan")
+    calib_misfit: float = float("nan")
 
 
 @dataclass
@@ -479,9 +526,10 @@ def run_files(
     paths: Sequence[str],
     spec: MaskSpec,
     output_dir: str,
-    reconstruct: Callable[[Volume, int, np.ndarray, Optional[torch.Tensor]], SliceOutput],
+    reconstruct: Callable[[Volume, int, SliceInput], SliceOutput],
     method_attrs: Dict[str, Any],
     overwrite: bool = False,
+    noise_std: Optional[float] = None,
     png: bool = True,
     max_png_per_file: int = 4,
     progress: bool = True,
@@ -496,9 +544,11 @@ def run_files(
         paths: input h5 files.
         spec: retrospective masking of fully sampled files.
         output_dir: output folder.
-        reconstruct: ``reconstruct(volume, slice_idx, masked_kspace, maps) -> SliceOutput``.
+        reconstruct: ``reconstruct(volume, slice_idx, SliceInput) -> SliceOutput``; a ValueError it raises
+            is reported as ``<file>: slice <i>: <message>``.
         method_attrs: attrs written to each output h5 (``method`` and its options).
         overwrite: redo files whose output exists.
+        noise_std: complex noise std overriding the files' noise scans and the estimate (None: not given).
         png, max_png_per_file: previews (evenly spaced slices, at most this many per file).
         progress: tqdm bar over slices on rank 0.
 
@@ -531,16 +581,22 @@ def run_files(
         bar = tqdm(total=total * 1, desc=method_attrs.get("method", "recon"), unit="slice", file=sys.stderr)
     for volume in todo:
         mine, failure = {}, None
+        noise_scan = volume.read_noise()
         for s in range(rank, volume.num_slices, world):
             try:
-                kspace = volume.read_kspace(s)
                 start = time.time()
-                maps = slice_maps(volume, s, kspace)
-                out = reconstruct(volume, s, kspace, maps)
+                inp = SliceInput(
+                    volume.read_kspace(s), volume.mask, volume.read_maps(s), noise_scan, noise_std
+                )
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    out = reconstruct(volume, s, inp)
+                for w in caught:  # one short line instead of Python's two-line warning format
+                    print(f"warning: {volume.name} slice {s}: {w.message}", file=sys.stderr)
             except (BadFileError, ValueError) as err:
                 # Reported after the gather, on every rank: a rank that raised here alone would leave the
                 # others waiting forever in the collective.
-                failure = str(err)
+                failure = str(err) if isinstance(err, BadFileError) else f"{volume.path}: slice {s}: {err}"
                 break
             out.seconds = time.time() - start
             mine[s] = out
@@ -579,12 +635,13 @@ def _write_volume(
     order = range(volume.num_slices)
     mean = np.stack([outputs[i].mean for i in order])
     crop = volume.target_shape
-    recon = center_crop_np(np.abs(mean), crop).astype(np.float32)
+    recon = center_crop_np(np.stack([outputs[i].magnitude for i in order]), crop).astype(np.float32)
     std = center_crop_np(np.stack([outputs[i].std for i in order]), crop).astype(np.float32)
-    zero_filled = center_crop_np(np.abs(np.stack([outputs[i].zero_filled for i in order])), crop)
+    zero_filled = center_crop_np(np.stack([outputs[i].zero_filled for i in order]), crop)
     seconds = float(np.mean([outputs[i].seconds for i in order]))
     nfe = int(max(outputs[i].nfe for i in order))
     residual = float(np.nanmean([outputs[i].residual for i in order]))
+    noise_ratio = np.array([outputs[i].noise_ratio for i in order], dtype=np.float64)
     attrs = dict(method_attrs)
     attrs.update(
         mask_type=volume.mask_type,
@@ -594,15 +651,25 @@ def _write_volume(
         nfe=nfe,
         seconds_per_slice=seconds,
         data_residual=residual,
+        noise_std=np.array([outputs[i].noise_std for i in order], dtype=np.float64),
+        noise_source=outputs[0].noise_source,
+        noise_residual_ratio=noise_ratio,
+        calib_misfit=np.array([outputs[i].calib_misfit for i in order], dtype=np.float64),
         target_key=volume.target_key or "",
         input_file=os.path.abspath(volume.path),
     )
     write_recon_h5(output_path(output_dir, volume.name), recon, std, mean, volume.mask, attrs)
     target = volume.read_target()
     stem = os.path.splitext(volume.name)[0]
-    summary = {"file": volume.name, "seconds_per_slice": seconds, "nfe": nfe, "data_residual": residual}
+    summary = {
+        "file": volume.name,
+        "seconds_per_slice": seconds,
+        "nfe": nfe,
+        "data_residual": residual,
+        "noise_residual_ratio": _nanmean(noise_ratio),
+    }
     if target is not None:
-        rows = metric_rows(volume.name, target, recon, volume.target_key)
+        rows = metric_rows(volume.name, target, recon, volume.target_key, noise_ratio)
         write_csv(os.path.join(output_dir, "metrics", stem + ".csv"), rows, METRIC_FIELDS)
         summary.update({k: rows[-1][k] for k in ("nmse", "psnr", "ssim")}, target=volume.target_key)
     if png and max_png_per_file > 0:
@@ -639,6 +706,7 @@ def print_report(result: RunResult, output_dir: str, label: str) -> None:
             f"{s['file']}: {label}, {s['seconds_per_slice']:.2f} s/slice"
             + (f", NFE {s['nfe']}" if s["nfe"] else "")
             + f", data residual {s['data_residual']:.2e}"
+            + f", residual / noise level {s['noise_residual_ratio']:.2f}"
         )
         if "psnr" in s:
             line += f", vs {s['target']}: PSNR {s['psnr']:.2f} dB, SSIM {s['ssim']:.4f}, NMSE {s['nmse']:.4f}"

@@ -11,24 +11,36 @@ same scale and the outputs multiplied back, so results are in the input k-space'
 
 Start time ``t0`` (Chung et al. 2022, "Come-closer-diffuse-faster"): instead of starting the reverse chain
 from pure noise at ``t = T``, start from the zero-filled (data-consistent) image noised to step ``t0``
-with ``q_sample``; on a short-trained prior this worked far better than ``t = T`` (see FINDINGS).
+with ``q_sample``; on a short-trained prior this worked far better than ``t = T`` (docs/results.md).
+
+Measurements first go through :func:`improved_diffusion.mri.coils.prepare_slice` (noise model, coil
+prewhitening, maps), so data consistency knows the noise level it must fit to.
 """
 
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
+import numpy as np
 import torch
 
 from .data_consistency import CLIP_MODES, DC_MODES, DiffusionDataConsistency, MeasurementOperator
+from .mri.coils import prepare_slice
 from .mri.fftc import channels_to_complex, complex_to_channels
 
 SAMPLERS = ("ddim", "ancestral")
+# The recommended respacing (10 network evaluations per sample from t0 = 0.2); scripts/image_sample.py
+# loads the diffusion with it by default.
+RECOMMENDED_RESPACING = "ddim50"
 
 
 @dataclass
 class ReconOptions:
     """Options of :func:`reconstruct_slice` (the CLI flags of scripts/image_sample.py have the same names).
+
+    The defaults are the recommended recipe: DDIM with eta 1 on the ``ddim50`` respacing, from t0 = 0.2
+    (10 network evaluations per sample), K = 4, noise-aware projection and the discrepancy-principle final
+    step (docs/reconstruction.md; settings chosen on training volumes, docs/results.md).
 
     Attributes:
         dc: data consistency: ``project`` (x̂0 made consistent before each step), ``replace`` (noisy
@@ -38,10 +50,11 @@ class ReconOptions:
             an integer step of the base diffusion ("200"). ``1.0`` = from pure noise at t = T.
         num_samples: K posterior samples per slice.
         batch_size: samples per network batch (0 = all K at once).
-        gamma: proximity weight of ``project`` (0 = exact projection for single-coil).
-        cg_iters: CG iterations of ``project`` for multi-coil data.
-        final_dc: apply the exact final data consistency to every sample (not with ``dc=none``).
-        final_cg_iters: CG iterations of the multi-coil final data consistency.
+        prior_scale: error of the prior's x̂0 relative to the step's noise level; sets the weight of the
+            measurements in every DC step (data_consistency module docstring).
+        cg_tol: the multi-coil conjugate-gradient solves stop when their residual has fallen by this factor.
+        cg_iters: their iteration cap.
+        final_dc: end every sample with the discrepancy-principle DC (not with ``dc=none``).
         clip: bound on x̂0 before DC: ``magnitude``, ``channel`` or ``none``.
         clip_value: the bound, in normalized units.
         eta: DDIM eta.
@@ -50,16 +63,16 @@ class ReconOptions:
 
     dc: str = "project"
     sampler: str = "ddim"
-    t0: Union[str, float, int] = "1.0"
-    num_samples: int = 1
+    t0: Union[str, float, int] = "0.2"
+    num_samples: int = 4
     batch_size: int = 0
-    gamma: float = 0.0
-    cg_iters: int = 5
+    prior_scale: float = 1.0
+    cg_tol: float = 1e-3
+    cg_iters: int = 100
     final_dc: bool = True
-    final_cg_iters: int = 30
     clip: str = "magnitude"
     clip_value: float = 1.0
-    eta: float = 0.0
+    eta: float = 1.0
     seed: int = 0
 
     def validate(self) -> None:
@@ -74,10 +87,10 @@ class ReconOptions:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.batch_size < 0:
             raise ValueError(f"batch_size must be >= 0, got {self.batch_size}")
-        if self.gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
-        if self.cg_iters < 0 or self.final_cg_iters < 0:
-            raise ValueError("cg_iters and final_cg_iters must be >= 0")
+        if not self.prior_scale > 0:
+            raise ValueError(f"prior_scale must be > 0, got {self.prior_scale}")
+        if not self.cg_tol > 0 or self.cg_iters < 1:
+            raise ValueError("cg_tol must be > 0 and cg_iters >= 1")
         if not self.clip_value > 0:
             raise ValueError(f"clip_value must be > 0, got {self.clip_value}")
 
@@ -87,17 +100,24 @@ class ReconResult:
     """Output of :func:`reconstruct_slice` (tensors on the CPU, in the input's intensity units).
 
     Attributes:
-        mean: complex posterior mean ``(H, W)``.
-        std: per-pixel standard deviation of the samples' magnitudes ``(H, W)`` (0 for K = 1).
-        zero_filled: the zero-filled (coil-combined for multi-coil) image ``(H, W)``, complex.
+        mean: complex posterior mean ``(H, W)`` (coil-combined with the whitened coils' maps).
+        magnitude: ``|mean|`` as a root-sum-of-squares of the unwhitened coil images ``(H, W)`` (fastMRI's
+            multi-coil target; ``|mean|`` for single-coil data).
+        std: per-pixel standard deviation of the samples' magnitudes ``(H, W)``, same units (0 for K = 1).
+        zero_filled: the zero-filled magnitude ``(H, W)``, same units.
         num_samples: K.
         nfe: network evaluations per sample (one per reverse step; samples are batched).
         start_step: the reverse chain's first step index (in the possibly respaced diffusion).
         scale: the intensity scale the network saw the data divided by.
         residual: relative data residual ``‖A mean − y‖ / ‖y‖`` of the mean.
+        noise_std: complex noise std of one (whitened) k-space sample that DC used.
+        noise_source: where it came from: ``given``, ``noise_scan`` or ``data``.
+        noise_ratio: ``‖A mean − y‖ / (noise_std sqrt(N))`` (about 1: fits to the noise level).
+        calib_misfit: how far the maps are from explaining the calibration data (1: to the noise level).
     """
 
     mean: torch.Tensor
+    magnitude: torch.Tensor
     std: torch.Tensor
     zero_filled: torch.Tensor
     num_samples: int
@@ -105,6 +125,10 @@ class ReconResult:
     start_step: int
     scale: float
     residual: float
+    noise_std: float = float("nan")
+    noise_source: str = ""
+    noise_ratio: float = float("nan")
+    calib_misfit: float = float("nan")
 
 
 def resolve_start_step(t0: Union[str, float, int], diffusion) -> int:
@@ -168,6 +192,8 @@ def reconstruct_slice(
     maps: Optional[torch.Tensor] = None,
     options: Optional[ReconOptions] = None,
     scale: Optional[float] = None,
+    noise_std: Optional[float] = None,
+    noise_scan: Optional[np.ndarray] = None,
 ) -> ReconResult:
     """Reconstruct one slice from undersampled k-space with K posterior samples.
 
@@ -177,10 +203,12 @@ def reconstruct_slice(
         mask: sampling mask broadcastable to the k-space: column mask ``(W,)``/``(1, W)`` or 2-D ``(H, W)``.
         model: the denoising network ``model(x (B, 2, H, W), t (B,)) -> (B, 2 or 4, H, W)``.
         diffusion: the (respaced) diffusion to sample with.
-        maps: sensitivity maps ``(C, H, W)`` for multi-coil data; estimated with
-            ``mri.espirit.estimate_sens_maps`` from the sampled centre when None.
+        maps: sensitivity maps ``(C, H, W)`` of the coils as measured; estimated (ESPIRiT on the whole
+            fully sampled centre of the prewhitened data) when None.
         options: :class:`ReconOptions` (defaults when None).
         scale: intensity scale; ``fastmri_data.scale_from_kspace`` of the measured k-space when None.
+        noise_std: complex noise std of a k-space sample, overriding ``noise_scan`` and the estimate.
+        noise_scan: ``(N, C)`` noise samples of the coils, or None (then the noise is estimated).
 
     Returns:
         :class:`ReconResult`.
@@ -192,30 +220,28 @@ def reconstruct_slice(
         raise ValueError(
             f"kspace must be complex (H, W) or (C, H, W), got {kspace.dtype} {tuple(kspace.shape)}"
         )
-    mask = torch.as_tensor(mask)
-    multicoil = kspace.dim() == 3 and (kspace.shape[0] > 1 or maps is not None)
-    if kspace.dim() == 3 and not multicoil:
-        kspace = kspace[0]  # one coil without maps: single-coil data
-    if multicoil and maps is None:
-        from .recon_io import estimate_maps  # lazy: sigpy import costs seconds
-
-        maps = estimate_maps(kspace, mask)
+    data = prepare_slice(kspace, mask, maps, noise_scan=noise_scan, noise_std=noise_std)
+    kspace = torch.from_numpy(data.kspace)
+    maps = None if data.maps is None else torch.from_numpy(data.maps)
     if scale is None:
         from .fastmri_data import scale_from_kspace
 
-        scale = float(scale_from_kspace(kspace * mask, maps))
+        scale = float(scale_from_kspace(kspace, maps))
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"intensity scale must be finite and > 0, got {scale}")
 
     device = _model_device(model, kspace.device)
     kspace = kspace.to(device=device, dtype=torch.complex64)
-    maps = None if maps is None else torch.as_tensor(maps).to(device=device, dtype=torch.complex64)
-    op = MeasurementOperator(kspace / scale, mask.to(device), maps if multicoil else None)
+    maps = None if maps is None else maps.to(device=device, dtype=torch.complex64)
+    mask = torch.as_tensor(mask).to(device)
+    op = MeasurementOperator(kspace / scale, mask, maps, sigma=data.sigma / scale)
     dc = DiffusionDataConsistency(
         op,
         options.dc,
+        diffusion.alphas_cumprod,
         diffusion.alphas_cumprod_prev,
-        gamma=options.gamma,
+        prior_scale=options.prior_scale,
+        cg_tol=options.cg_tol,
         cg_iters=options.cg_iters,
         clip=options.clip,
         clip_value=options.clip_value,
@@ -255,21 +281,28 @@ def reconstruct_slice(
             )
             x = channels_to_complex(out.float())
             if options.final_dc:
-                x = dc.final(x, options.final_cg_iters)
+                x, _ = dc.final(x)
             samples.append(x)
             done += n
     num_chunks = math.ceil(options.num_samples / batch)
     x = torch.cat(samples)
+    intensity = torch.from_numpy(data.intensity).to(device)
     mean = x.mean(dim=0)
-    std = x.abs().std(dim=0, unbiased=False) if x.shape[0] > 1 else torch.zeros(h, w, device=device)
-    residual = float(op.residual(mean[None])[0]) if op.y.abs().max() > 0 else 0.0
+    magnitudes = x.abs() * intensity
+    std = magnitudes.std(dim=0, unbiased=False) if x.shape[0] > 1 else torch.zeros(h, w, device=device)
+    residual = float(op.residual(mean[None])[0])
     return ReconResult(
         mean=(mean * scale).cpu(),
+        magnitude=(mean.abs() * intensity * scale).cpu(),
         std=(std * scale).cpu(),
-        zero_filled=(zero_filled[0] * scale).cpu(),
+        zero_filled=(zero_filled[0].abs() * intensity * scale).cpu(),
         num_samples=options.num_samples,
         nfe=counter.calls // num_chunks,
         start_step=start_t,
         scale=scale,
         residual=residual,
+        noise_std=data.sigma,
+        noise_source=data.noise_source,
+        noise_ratio=float(op.noise_ratio(mean[None])[0]),
+        calib_misfit=data.calib_misfit,
     )

@@ -10,7 +10,10 @@ on the scanner's units):
 * ``l1_wavelet``: ``sigpy.mri.app.L1WaveletRecon``, ``min_x ½‖M F S x − y‖² + λ‖Ψ x‖₁`` (Daubechies-4
   wavelets, proximal gradient; Lustig et al. 2007, "Sparse MRI").
 
-Single-coil data use one all-ones map. The default λ values are generic starting points; the best λ
+The measurements go through the same preparation as the diffusion reconstruction
+(:func:`improved_diffusion.mri.coils.prepare_slice`: noise model, coil prewhitening, ESPIRiT maps on the
+whole fully sampled centre), so every method sees the same data and maps. Single-coil data use one
+all-ones map. The default λ values are generic starting points; the best λ
 depends on coils and acceleration, and benchmarks/recon_benchmark.py passes per-setting values chosen on a
 demo TRAINING volume (``BASELINE_LAMBDA``; the sweep is in docs/results.md), never on validation files.
 
@@ -29,7 +32,9 @@ import torch
 from improved_diffusion import dist_util
 from improved_diffusion.data_consistency import MeasurementOperator
 from improved_diffusion.fastmri_data import BadFileError, scale_from_kspace
+from improved_diffusion.mri.coils import prepare_slice
 from improved_diffusion.recon_io import (
+    SliceInput,
     SliceOutput,
     Volume,
     list_inputs,
@@ -51,6 +56,7 @@ def baseline_defaults() -> Dict[str, Any]:
         method="l1_wavelet",
         lamda=-1.0,  # -1: the method's default (DEFAULT_LAMBDA)
         max_iter=100,
+        noise_std=-1.0,  # complex noise std of a k-space sample; -1 = the file's noise scan, else estimated
         output_dir="recon_out",
         mask_type="random",
         center_fractions="0.08",
@@ -79,38 +85,37 @@ def reconstruct_baseline(
     method: str,
     lamda: float,
     max_iter: int = 100,
-) -> Dict[str, np.ndarray]:
+    noise_std: Optional[float] = None,
+    noise_scan: Optional[np.ndarray] = None,
+) -> Dict[str, Any]:
     """One slice with a classical method.
 
     Args:
-        kspace: masked k-space ``(H, W)`` or ``(C, H, W)`` complex.
+        kspace: masked k-space ``(H, W)`` or ``(C, H, W)`` complex, as measured.
         mask: mask broadcastable to it (``(W,)`` or ``(H, W)``).
-        maps: ``(C, H, W)`` maps for multi-coil data (None for single-coil).
+        maps: stored ``(C, H, W)`` maps of the coils, or None (estimated; single-coil data need none).
         method: one of ``zero_filled``, ``sense``, ``l1_wavelet``.
         lamda: regularization weight in normalized units.
         max_iter: iterations of the sigpy solver.
+        noise_std, noise_scan: the noise (see :func:`improved_diffusion.mri.coils.prepare_slice`).
 
     Returns:
-        ``{"image": (H, W) complex64, "zero_filled": (H, W) complex64}`` in the input's intensity units, and
-        ``"residual"``: the relative data residual ``‖A x − y‖ / ‖y‖`` of the image.
+        ``{"image": (H, W) complex64, "magnitude": (H, W), "zero_filled": (H, W)}`` (magnitudes as
+        RSS of the unwhitened coil images) in the input's intensity units, ``"residual"``: the relative data
+        residual ``‖A x − y‖ / ‖y‖`` of the image, ``"noise_ratio"``: ``‖A x − y‖ / (sigma sqrt(N))``, and
+        the ``"data"`` (:class:`~improved_diffusion.mri.coils.CoilData`) it was computed from.
     """
     if method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
-    ksp = np.asarray(kspace, dtype=np.complex64)
-    if ksp.ndim == 2:
-        ksp = ksp[None]
-    if maps is None:
-        if ksp.shape[0] != 1:
-            raise ValueError(f"multi-coil k-space {ksp.shape} needs sensitivity maps")
-        mps = np.ones_like(ksp)
-    else:
-        mps = np.asarray(maps, dtype=np.complex64)
-        if mps.shape != ksp.shape:
-            raise ValueError(f"sensitivity maps {mps.shape} do not match k-space {ksp.shape}")
-    weights = np.ascontiguousarray(np.broadcast_to(np.asarray(mask, dtype=np.float32), ksp.shape))
-    scale = float(scale_from_kspace(torch.from_numpy(ksp * weights)))
+    data = prepare_slice(kspace, mask, maps, noise_scan=noise_scan, noise_std=noise_std)
+    ksp = data.kspace if data.multicoil else data.kspace[None]
+    mps = data.maps if data.multicoil else np.ones_like(ksp)
+    weights = np.ascontiguousarray(np.broadcast_to(np.asarray(mask, dtype=np.float32), ksp.shape[-2:]))
+    scale = float(scale_from_kspace(torch.from_numpy(ksp)))
     y = ksp * weights / scale
-    op = MeasurementOperator(torch.from_numpy(y), torch.from_numpy(weights), torch.from_numpy(mps))
+    op = MeasurementOperator(
+        torch.from_numpy(y), torch.from_numpy(weights), torch.from_numpy(mps), sigma=data.sigma / scale
+    )
     zero_filled = op.zero_filled()[0].numpy()
     if method == "zero_filled":
         image = zero_filled
@@ -122,11 +127,14 @@ def reconstruct_baseline(
         else:
             solver = app.L1WaveletRecon(y, mps, lamda, weights=weights, max_iter=max_iter, show_pbar=False)
         image = np.asarray(solver.run())
-    residual = float(op.residual(torch.from_numpy(np.asarray(image, dtype=np.complex64))[None])[0])
+    image_t = torch.from_numpy(np.asarray(image, dtype=np.complex64))[None]
     return {
-        "residual": residual,
+        "residual": float(op.residual(image_t)[0]),
+        "noise_ratio": float(op.noise_ratio(image_t)[0]),
         "image": (image * scale).astype(np.complex64),
-        "zero_filled": (zero_filled * scale).astype(np.complex64),
+        "magnitude": (np.abs(image) * data.intensity * scale).astype(np.float32),
+        "zero_filled": (np.abs(zero_filled) * data.intensity * scale).astype(np.float32),
+        "data": data,
     }
 
 
@@ -140,24 +148,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         paths = list_inputs(args.input)
         spec = mask_spec_from_args(args)
 
-        def reconstruct(volume: Volume, slice_idx: int, kspace, maps) -> SliceOutput:
-            try:
-                out = reconstruct_baseline(
-                    kspace,
-                    volume.mask,
-                    None if maps is None else maps.numpy(),
-                    args.method,
-                    lamda,
-                    args.max_iter,
-                )
-            except ValueError as err:
-                raise BadFileError(f"{volume.path}: slice {slice_idx}: {err}") from None
+        def reconstruct(volume: Volume, slice_idx: int, inp: SliceInput) -> SliceOutput:
+            out = reconstruct_baseline(
+                inp.kspace,
+                inp.mask,
+                inp.maps,
+                args.method,
+                lamda,
+                args.max_iter,
+                inp.noise_std,
+                inp.noise_scan,
+            )
             return SliceOutput(
                 mean=out["image"],
-                std=np.zeros(out["image"].shape, dtype=np.float32),
+                magnitude=out["magnitude"],
+                std=np.zeros(out["magnitude"].shape, dtype=np.float32),
                 zero_filled=out["zero_filled"],
-                seconds=0.0,
                 residual=out["residual"],
+                noise_std=out["data"].sigma,
+                noise_source=out["data"].noise_source,
+                noise_ratio=out["noise_ratio"],
+                calib_misfit=out["data"].calib_misfit,
             )
 
         attrs = {"method": args.method, "lamda": lamda, "max_iter": args.max_iter, "num_samples": 1}
@@ -168,6 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             reconstruct,
             attrs,
             overwrite=args.overwrite,
+            noise_std=args.noise_std if args.noise_std > 0 else None,
             png=args.png,
             max_png_per_file=args.max_png_per_file,
             progress=args.progress,

@@ -4,11 +4,10 @@ Model and diffusion options come from the checkpoint's config.json (written at t
 flags; only sampling options are flags. Fully sampled inputs are undersampled retrospectively with the
 mask flags; inputs that carry a ``mask`` are used as they are. See docs/reconstruction.md.
 
-Example:
+Example (the defaults are the recommended recipe: DDIM-50 with eta 1 from t0 = 0.2, K = 4, noise-aware DC
+with the discrepancy-principle final step; the committed demo checkpoint is the default ``--model_path``):
     python scripts/image_sample.py --input demo_data/singlecoil_val \
-        --output_dir recon_out/diffusion --mask_type random --accelerations 4 --center_fractions 0.08 \
-        --use_ddim True --timestep_respacing ddim50 --eta 1.0 --t0 0.2 --num_samples 4
-(the committed demo checkpoint is the default ``--model_path``).
+        --output_dir recon_out/diffusion --mask_type random --accelerations 4 --center_fractions 0.08
 Distributed: ``mpiexec -n 2 python scripts/image_sample.py ...`` or ``torchrun --nproc_per_node 2 ...``
 (slices are sharded over ranks; rank 0 writes).
 """
@@ -24,6 +23,7 @@ import torch
 from improved_diffusion import dist_util
 from improved_diffusion.fastmri_data import BadFileError
 from improved_diffusion.recon_io import (
+    SliceInput,
     SliceOutput,
     Volume,
     list_inputs,
@@ -33,7 +33,7 @@ from improved_diffusion.recon_io import (
     run_files,
     seed_for_slice,
 )
-from improved_diffusion.reconstruction import ReconOptions, reconstruct_slice
+from improved_diffusion.reconstruction import RECOMMENDED_RESPACING, ReconOptions, reconstruct_slice
 from improved_diffusion.script_util import (
     add_dict_to_argparser,
     create_model_and_diffusion,
@@ -50,7 +50,8 @@ DEMO_MODEL = os.path.join(
 
 
 def sample_defaults() -> Dict[str, Any]:
-    """Every flag of this script (besides ``--input``) with its default."""
+    """Every flag of this script (besides ``--input``) with its default (ReconOptions' defaults)."""
+    recon = ReconOptions()
     return dict(
         model_path=DEMO_MODEL,
         output_dir="recon_out",
@@ -60,21 +61,22 @@ def sample_defaults() -> Dict[str, Any]:
         accelerations="4",
         seed=-1,  # mask seed; -1 = fastMRI's per-file seed from the file name
         # sampling
-        use_ddim=False,
-        timestep_respacing="",
-        eta=0.0,
-        t0="1.0",
-        num_samples=1,
-        batch_size=0,
+        use_ddim=recon.sampler == "ddim",
+        timestep_respacing=RECOMMENDED_RESPACING,
+        eta=recon.eta,
+        t0=str(recon.t0),
+        num_samples=recon.num_samples,
+        batch_size=recon.batch_size,
         sample_seed=0,
-        # data consistency
-        dc="project",
-        gamma=0.0,
-        cg_iters=5,
-        final_dc=True,
-        final_cg_iters=30,
-        clip="magnitude",
-        clip_value=1.0,
+        # noise and data consistency
+        noise_std=-1.0,  # complex noise std of a k-space sample; -1 = the file's noise scan, else estimated
+        dc=recon.dc,
+        prior_scale=recon.prior_scale,
+        cg_tol=recon.cg_tol,
+        cg_iters=recon.cg_iters,
+        final_dc=recon.final_dc,
+        clip=recon.clip,
+        clip_value=recon.clip_value,
         # outputs
         overwrite=False,
         png=True,
@@ -181,10 +183,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             t0=args.t0,
             num_samples=args.num_samples,
             batch_size=args.batch_size,
-            gamma=args.gamma,
+            prior_scale=args.prior_scale,
+            cg_tol=args.cg_tol,
             cg_iters=args.cg_iters,
             final_dc=args.final_dc,
-            final_cg_iters=args.final_cg_iters,
             clip=args.clip,
             clip_value=args.clip_value,
             eta=args.eta,
@@ -192,26 +194,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options.validate()
         model, diffusion, config = load_model(args.model_path, args.timestep_respacing, dist_util.dev())
 
-        def reconstruct(volume: Volume, slice_idx: int, kspace, maps) -> SliceOutput:
+        def reconstruct(volume: Volume, slice_idx: int, inp: SliceInput) -> SliceOutput:
             opts = dataclasses.replace(options, seed=seed_for_slice(args.sample_seed, volume.name, slice_idx))
-            try:
-                r = reconstruct_slice(
-                    torch.from_numpy(kspace),
-                    torch.from_numpy(volume.mask),
-                    model,
-                    diffusion,
-                    maps=maps,
-                    options=opts,
-                )
-            except ValueError as err:
-                raise BadFileError(f"{volume.path}: slice {slice_idx}: {err}") from None
+            r = reconstruct_slice(
+                torch.from_numpy(inp.kspace),
+                torch.from_numpy(inp.mask),
+                model,
+                diffusion,
+                maps=inp.maps,
+                options=opts,
+                noise_std=inp.noise_std,
+                noise_scan=inp.noise_scan,
+            )
             return SliceOutput(
                 mean=r.mean.numpy(),
+                magnitude=r.magnitude.numpy(),
                 std=r.std.numpy(),
                 zero_filled=r.zero_filled.numpy(),
-                seconds=0.0,
                 nfe=r.nfe,
                 residual=r.residual,
+                noise_std=r.noise_std,
+                noise_source=r.noise_source,
+                noise_ratio=r.noise_ratio,
+                calib_misfit=r.calib_misfit,
             )
 
         method_attrs = {
@@ -221,10 +226,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "timestep_respacing": args.timestep_respacing or str(config["diffusion_steps"]),
             "t0": str(args.t0),
             "dc": options.dc,
-            "gamma": options.gamma,
+            "prior_scale": options.prior_scale,
+            "cg_tol": options.cg_tol,
             "cg_iters": options.cg_iters,
             "final_dc": options.final_dc,
-            "final_cg_iters": options.final_cg_iters,
             "clip": options.clip,
             "clip_value": options.clip_value,
             "eta": options.eta,
@@ -238,6 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             reconstruct,
             method_attrs,
             overwrite=args.overwrite,
+            noise_std=args.noise_std if args.noise_std > 0 else None,
             png=args.png,
             max_png_per_file=args.max_png_per_file,
             progress=args.progress,

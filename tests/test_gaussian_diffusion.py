@@ -154,7 +154,7 @@ def test_denoised_fn_sees_unclipped_xstart_then_clip():
     x = torch.zeros(1, 2, 4, 4)
     seen = []
 
-    def denoised_fn(x0):
+    def denoised_fn(x0, t):
         seen.append(x0.clone())
         return x0 * 2
 

@@ -1,21 +1,25 @@
-"""Coil sensitivity maps from the fully sampled k-space centre: ESPIRiT, with a low-resolution fallback.
+"""Coil sensitivity maps from the fully sampled k-space centre: ESPIRiT on the whole calibration region.
 
 ESPIRiT (Uecker et al., "ESPIRiT - an eigenvalue approach to autocalibrating parallel MRI: where SENSE
-meets GRAPPA", MRM 71:990-1001, 2014) runs through ``sigpy.mri.app.EspiritCalib``. sigpy takes a square
-calibration region of ``calib_width`` around the centre, so this module first finds the largest centred
-rectangle that is actually fully sampled (from ``mask`` or from the non-zero k-space) and shrinks the
-square to fit in it. When that square is too small for the kernel (fastMRI's 8x masks leave 5 centre
-columns at 128 columns) or ESPIRiT keeps almost no support, it falls back, with a warning, to maps from
-the windowed low-resolution coil images of the sampled centre divided by their root-sum-of-squares
-(the approach of e.g. McKenzie et al., MRM 2002 "self-calibrating parallel imaging"). Either way the maps
-are finite, their phase is relative to coil 0 (ESPIRiT's convention) and ``sum_c |S_c|^2 = 1`` on the
-support, 0 outside.
+meets GRAPPA", MRM 71:990-1001, 2014) is computed here (:func:`espirit_maps`, in torch) on the largest
+centred rectangle that is actually fully sampled (from ``mask`` or from the non-zero k-space), as BART's
+``ecalib`` does: at a 4x mask on 128 columns that is all 128 rows x 10 columns, where a square region
+(sigpy's ``calib_width``) would keep 10 x 10. The kernel is shrunk along an axis where the region is
+narrow. When the region is too narrow for a 3-wide kernel, or ESPIRiT keeps almost no support, it falls
+back, with a warning, to maps from the windowed low-resolution coil images of the sampled centre divided
+by their root-sum-of-squares (e.g. McKenzie et al., MRM 2002 "self-calibrating parallel imaging").
+Either way the maps are finite, their phase is relative to coil 0 (ESPIRiT's convention) and
+``sum_c |S_c|^2 = 1`` on the support, 0 outside.
 """
 
+import math
 import warnings
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
+import torch
+
+from .fftc import ifft2c
 
 # Fallback support: pixels whose low-resolution RSS exceeds this fraction of its maximum. The blurred
 # low-resolution image spreads beyond the object, so this keeps the object plus a margin.
@@ -90,18 +94,6 @@ def calibration_region(sampled: np.ndarray) -> Tuple[int, int, int, int]:
         ext[max(movable, key=lambda i: (missing[i], ext[i]))] -= 1
 
 
-def _square_width(ext: Tuple[int, int, int, int], calib_width: int) -> int:
-    """Largest square side <= calib_width that sigpy's centred crop places inside the sampled rectangle.
-
-    sigpy takes indices ``c - n // 2 .. c - n // 2 + n - 1`` along each axis for a side ``n``.
-    """
-    before, after = min(ext[0], ext[2]), min(ext[1], ext[3])
-    n = calib_width
-    while n > 1 and not (n // 2 <= before and n - n // 2 - 1 <= after):
-        n -= 1
-    return n
-
-
 def lowres_maps(kspace: np.ndarray, ext: Tuple[int, int, int, int]) -> np.ndarray:
     """Maps from the Hann-windowed sampled centre: low-resolution coil images / their RSS.
 
@@ -146,27 +138,108 @@ def _normalize(maps: np.ndarray) -> np.ndarray:
     return np.where(norm > 0, maps / np.where(norm > 0, norm, 1.0), 0).astype(np.complex64)
 
 
+def _kernel_side(size: int, kernel_width: int) -> int:
+    """Kernel side along one axis: at most ``kernel_width``, leaving at least 3 shifts when possible."""
+    return max(1, min(kernel_width, size - 2))
+
+
+def _kernel_gram(kernels: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
+    """``G(r) = sum_n k_n(r) k_n(r)^H`` ``(H, W, C, C)`` of kernels ``(n, C, kh, kw)`` taken to image space.
+
+    ``k_n(r)`` is the centred orthonormal inverse FFT of kernel n zero-padded to ``shape``. Each entry
+    ``G_cd`` is the inverse FFT of the kernels' cross-correlation ``sum_n k_nc * conj(k_nd)`` (an array of
+    ``(2 kh - 1, 2 kw - 1)`` lags), so this costs ``C^2`` image FFTs instead of ``n C`` FFTs and a
+    per-pixel matrix product (BART's ecalib does the same).
+    """
+    n, c, kh, kw = kernels.shape
+    lh, lw = 2 * kh - 1, 2 * kw - 1
+    spec = torch.fft.fft2(kernels, s=(lh, lw))  # (n, C, lh, lw)
+    corr = torch.einsum("nchw,ndhw->cdhw", spec, spec.conj())
+    corr = torch.fft.fftshift(torch.fft.ifft2(corr), dim=(-2, -1))  # lags -(k-1)..k-1, zero lag centred
+    big_h, big_w = shape
+    padded = torch.zeros(c, c, big_h, big_w, dtype=kernels.dtype, device=kernels.device)
+    top, left = big_h // 2 - (kh - 1), big_w // 2 - (kw - 1)
+    padded[..., top : top + lh, left : left + lw] = corr
+    # A lag d becomes e^{i 2 pi d r / N} / sqrt(HW) under ifft2c; the product of two padded kernels has
+    # 1 / (HW): hence the extra 1 / sqrt(HW).
+    gram = ifft2c(padded) / math.sqrt(big_h * big_w)
+    return gram.permute(2, 3, 0, 1)
+
+
+def espirit_maps(
+    calib: torch.Tensor,
+    shape: Tuple[int, int],
+    kernel: Tuple[int, int] = (6, 6),
+    thresh: float = 0.02,
+    crop: float = 0.95,
+    noise_std: Optional[float] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ESPIRiT on a rectangular calibration region (Uecker et al. 2014, as BART's ``ecalib``).
+
+    The calibration matrix holds every ``kernel``-sized patch of the region (all coils) as a row; its
+    right singular vectors above ``thresh`` times the largest singular value span the signal subspace.
+    Their kernels, taken to image space, give at every pixel the matrix ``G(r) = sum_n k_n k_n^H``
+    (``C x C``); the maps are its leading eigenvectors, kept where the eigenvalue exceeds ``crop``.
+
+    Args:
+        calib: ``(C, h, w)`` complex, the fully sampled centre (any rectangle, h != w allowed).
+        shape: image ``(H, W)``.
+        kernel: kernel size ``(kh, kw)``, at most ``(h, w)``.
+        thresh: relative singular-value threshold, used when ``noise_std`` is not known.
+        crop: eigenvalue threshold (1 = exactly in the signal subspace).
+        noise_std: complex noise std of the (whitened) calibration samples. When given, the signal
+            subspace is every singular value above the largest one pure noise would give, the
+            Marchenko-Pastur edge ``sigma (sqrt(rows) + sqrt(cols))`` of the calibration matrix.
+
+    Returns:
+        ``(maps (C, H, W), eigenvalue (H, W))``; maps are zero where the eigenvalue is below ``crop``, phase
+        relative to coil 0, unit norm over coils elsewhere.
+    """
+    c, h, w = calib.shape
+    kh, kw = kernel
+    if not (1 <= kh <= h and 1 <= kw <= w):
+        raise ValueError(f"ESPIRiT kernel {kernel} does not fit the calibration region {(h, w)}")
+    patches = calib.unfold(1, kh, 1).unfold(2, kw, 1)  # (C, nh, nw, kh, kw)
+    mat = patches.permute(1, 2, 0, 3, 4).reshape(-1, c * kh * kw)
+    _, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    if noise_std is not None and noise_std > 0:
+        cut = noise_std * (math.sqrt(mat.shape[0]) + math.sqrt(mat.shape[1]))
+    else:
+        cut = thresh * s[0]
+    kernels = vh[s > cut].reshape(-1, c, kh, kw)
+    big_h, big_w = shape
+    gram = _kernel_gram(kernels, shape) * (big_h * big_w / (kh * kw))
+    evals, evecs = torch.linalg.eigh(gram)  # ascending; (H, W, C), (H, W, C, C)
+    eig = evals[..., -1]
+    maps = evecs[..., -1].permute(2, 0, 1)  # (C, H, W)
+    ref = maps[0]
+    maps = maps * torch.where(ref.abs() > 0, ref.conj() / ref.abs().clamp_min(1e-30), torch.ones_like(ref))
+    maps = torch.where(eig > crop, maps, torch.zeros_like(maps))
+    return maps, eig
+
+
 def estimate_sens_maps(
     kspace: np.ndarray,
     mask=None,
-    calib_width: int = 24,
+    max_calib: int = 0,
     thresh: float = 0.02,
     kernel_width: int = 6,
     crop: float = 0.95,
-    device=-1,
-    max_iter: int = 100,
+    device: Optional[str] = None,
+    noise_std: Optional[float] = None,
 ) -> np.ndarray:
-    """ESPIRiT sensitivity maps of one slice, from its actually sampled centre.
+    """ESPIRiT sensitivity maps of one slice, calibrated on its whole fully sampled centre.
 
     Args:
         kspace: (C, H, W) complex k-space (numpy, or a torch tensor), fully sampled or masked.
         mask: sampling pattern broadcastable to (H, W); None infers it from the non-zero samples.
-        calib_width: side of ESPIRiT's square calibration region (shrunk to the sampled centre).
+        max_calib: cap on each side of the calibration rectangle (0 = the whole fully sampled centre).
         thresh: singular-value threshold of the calibration matrix (relative to the largest).
-        kernel_width: ESPIRiT kernel width (reduced to half the calibration side when needed).
+        kernel_width: ESPIRiT kernel width (reduced along an axis where the region is narrow).
         crop: eigenvalue threshold; pixels below it get zero maps.
-        device: sigpy device (-1 CPU, >= 0 GPU through cupy).
-        max_iter: power iterations.
+        device: torch device for the computation (None: CPU).
+        noise_std: complex noise std of the k-space samples; when given it sets the singular-value
+            threshold (see :func:`espirit_maps`) instead of ``thresh``.
 
     Returns:
         (C, H, W) complex64 maps, finite, sum_c |S_c|^2 = 1 on the support and 0 outside.
@@ -183,14 +256,19 @@ def estimate_sens_maps(
         )
         return np.zeros(kspace.shape, np.complex64)
     sampled = sampled_pattern(kspace, mask)
-    ext = calibration_region(sampled)
+    ext = list(calibration_region(sampled))
+    if max_calib > 0:  # cap each side symmetrically around the centre
+        for lo, hi in ((0, 1), (2, 3)):
+            while ext[lo] + ext[hi] + 1 > max_calib:
+                ext[lo if ext[lo] >= ext[hi] else hi] -= 1
     kspace = kspace * sampled  # a given mask wins over stray non-zero samples
-    fallback = lowres_maps(kspace, ext)
-
-    n = _square_width(ext, calib_width)
-    kw = min(kernel_width, n // 2)
-    region = f"{ext[0] + ext[1] + 1}x{ext[2] + ext[3] + 1}"
-    if kw < MIN_KERNEL_WIDTH:
+    fallback = lowres_maps(kspace, tuple(ext))
+    _, h, w = kspace.shape
+    ch, cw = h // 2, w // 2
+    rows, cols = ext[0] + ext[1] + 1, ext[2] + ext[3] + 1
+    kernel = (_kernel_side(rows, kernel_width), _kernel_side(cols, kernel_width))
+    region = f"{rows}x{cols}"
+    if min(kernel) < MIN_KERNEL_WIDTH:
         warnings.warn(
             f"fully sampled centre {region} is too small for ESPIRiT (kernel {kernel_width}); "
             "using low-resolution maps (windowed centre / RSS)",
@@ -198,47 +276,20 @@ def estimate_sens_maps(
             stacklevel=2,
         )
         return _normalize(fallback)
-    if kw < kernel_width:
-        warnings.warn(
-            f"calibration square {n}x{n} (sampled centre {region}) is small for kernel_width "
-            f"{kernel_width}; using kernel_width {kw}",
-            CalibrationWarning,
-            stacklevel=2,
-        )
-    maps = _espirit(kspace, n, thresh, kw, crop, device, max_iter)
+    calib = torch.from_numpy(kspace[:, ch - ext[0] : ch + ext[1] + 1, cw - ext[2] : cw + ext[3] + 1])
+    maps, _ = espirit_maps(calib.to(device or "cpu"), (h, w), kernel, thresh, crop, noise_std)
+    maps = maps.cpu().numpy()
     support = (np.abs(maps) > 0).any(axis=0).sum()
     wanted = (np.abs(fallback) > 0).any(axis=0).sum()
     if not np.all(np.isfinite(maps)) or support < MIN_SUPPORT_RATIO * wanted:
         warnings.warn(
-            f"ESPIRiT kept {support} pixels of the {wanted}-pixel object (calibration {n}x{n}, kernel {kw}); "
-            "using low-resolution maps (windowed centre / RSS)",
+            f"ESPIRiT kept {support} pixels of the {wanted}-pixel object (calibration {region}, kernel "
+            f"{kernel[0]}x{kernel[1]}); using low-resolution maps (windowed centre / RSS)",
             CalibrationWarning,
             stacklevel=2,
         )
         return _normalize(fallback)
     return _normalize(maps)
-
-
-def _espirit(
-    kspace: np.ndarray, calib: int, thresh: float, kernel_width: int, crop: float, device, max_iter: int
-) -> np.ndarray:
-    import sigpy as sp  # lazy: sigpy (numba) costs seconds to import
-    import sigpy.mri as mr
-
-    dev = sp.Device(device)
-    app = mr.app.EspiritCalib(
-        sp.to_device(kspace, dev),
-        calib_width=calib,
-        thresh=thresh,
-        kernel_width=kernel_width,
-        crop=crop,
-        device=dev,
-        max_iter=max_iter,
-        show_pbar=False,
-    )
-    with np.errstate(invalid="ignore", divide="ignore"):  # sigpy divides by |S_0| = 0 outside the support
-        maps = app.run()
-    return np.asarray(sp.to_device(maps, sp.cpu_device))
 
 
 def estimate_sens_maps_volume(kspace: np.ndarray, mask=None, progress: bool = False, **kwargs) -> np.ndarray:
