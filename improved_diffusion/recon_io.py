@@ -295,8 +295,14 @@ def estimate_maps(kspace, mask) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(estimate_sens_maps(ksp, mask=m)).astype(np.complex64))
 
 
-def slice_maps(volume: Volume, slice_idx: int, kspace: np.ndarray) -> Optional[torch.Tensor]:
-    """Maps of a slice: the file's ``sens_maps`` or ESPIRiT from the masked k-space; None for single-coil."""
+MapsEstimator = Callable[[np.ndarray, np.ndarray], torch.Tensor]
+
+
+def slice_maps(
+    volume: Volume, slice_idx: int, kspace: np.ndarray, estimator: Optional[MapsEstimator] = None
+) -> Optional[torch.Tensor]:
+    """Maps of a slice: the file's ``sens_maps``, else ``estimator(masked k-space, mask)`` (default
+    :func:`estimate_maps`, ESPIRiT from the sampled centre); None for single-coil."""
     if not volume.multicoil:
         return None
     maps = volume.read_maps(slice_idx)
@@ -304,7 +310,7 @@ def slice_maps(volume: Volume, slice_idx: int, kspace: np.ndarray) -> Optional[t
         return torch.from_numpy(maps)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        maps = estimate_maps(kspace, volume.mask)
+        maps = (estimator or estimate_maps)(kspace, volume.mask)
     for w in caught:  # one short line instead of Python's two-line warning format
         print(f"warning: {volume.name} slice {slice_idx}: {w.message}", file=sys.stderr)
     return maps
@@ -485,6 +491,7 @@ def run_files(
     png: bool = True,
     max_png_per_file: int = 4,
     progress: bool = True,
+    maps_estimator: Optional[MapsEstimator] = None,
 ) -> RunResult:
     """Reconstruct every slice of every file and write the outputs (the shared loop of the scripts).
 
@@ -501,6 +508,8 @@ def run_files(
         overwrite: redo files whose output exists.
         png, max_png_per_file: previews (evenly spaced slices, at most this many per file).
         progress: tqdm bar over slices on rank 0.
+        maps_estimator: ``(masked k-space (C, H, W), mask) -> maps (C, H, W)`` for multi-coil files without
+            ``sens_maps`` (default :func:`estimate_maps`).
 
     Raises:
         BadFileError: listing every bad input file (one line each).
@@ -535,7 +544,7 @@ def run_files(
             try:
                 kspace = volume.read_kspace(s)
                 start = time.time()
-                maps = slice_maps(volume, s, kspace)
+                maps = slice_maps(volume, s, kspace, maps_estimator)
                 out = reconstruct(volume, s, kspace, maps)
             except (BadFileError, ValueError) as err:
                 # Reported after the gather, on every rank: a rank that raised here alone would leave the

@@ -8,7 +8,11 @@ on the scanner's units):
 * ``sense``: ``sigpy.mri.app.SenseRecon``, ``min_x ½‖M F S x − y‖² + ½λ‖x‖²`` by conjugate gradients
   (Pruessmann et al. 1999);
 * ``l1_wavelet``: ``sigpy.mri.app.L1WaveletRecon``, ``min_x ½‖M F S x − y‖² + λ‖Ψ x‖₁`` (Daubechies-4
-  wavelets, proximal gradient; Lustig et al. 2007, "Sparse MRI").
+  wavelets, proximal gradient; Lustig et al. 2007, "Sparse MRI");
+* ``bart_pics``: the same problem solved by BART (``bart pics -l1 -r λ``, FISTA with BART's random wavelet
+  shifts), the outside reference: maps from ``bart ecalib`` on the masked k-space (or the file's
+  ``sens_maps``), λ in the same normalized units (``-w 1``: BART does not rescale the data again). Needs
+  the ``bart`` command (e.g. ``apt-get install bart``); see improved_diffusion/mri/bart.py.
 
 Single-coil data use one all-ones map. The default λ values are generic starting points; the best λ
 depends on coils and acceleration, and benchmarks/recon_benchmark.py passes per-setting values chosen on a
@@ -40,9 +44,9 @@ from improved_diffusion.recon_io import (
 )
 from improved_diffusion.script_util import add_dict_to_argparser
 
-METHODS = ("zero_filled", "sense", "l1_wavelet")
+METHODS = ("zero_filled", "sense", "l1_wavelet", "bart_pics")
 # Regularization weights in normalized units (image / scale); generic defaults (see the docstring).
-DEFAULT_LAMBDA = {"zero_filled": 0.0, "sense": 0.01, "l1_wavelet": 0.001}
+DEFAULT_LAMBDA = {"zero_filled": 0.0, "sense": 0.01, "l1_wavelet": 0.001, "bart_pics": 0.001}
 
 
 def baseline_defaults() -> Dict[str, Any]:
@@ -86,9 +90,9 @@ def reconstruct_baseline(
         kspace: masked k-space ``(H, W)`` or ``(C, H, W)`` complex.
         mask: mask broadcastable to it (``(W,)`` or ``(H, W)``).
         maps: ``(C, H, W)`` maps for multi-coil data (None for single-coil).
-        method: one of ``zero_filled``, ``sense``, ``l1_wavelet``.
+        method: one of ``zero_filled``, ``sense``, ``l1_wavelet``, ``bart_pics``.
         lamda: regularization weight in normalized units.
-        max_iter: iterations of the sigpy solver.
+        max_iter: iterations of the sigpy solver (of ``bart pics`` for ``bart_pics``).
 
     Returns:
         ``{"image": (H, W) complex64, "zero_filled": (H, W) complex64}`` in the input's intensity units, and
@@ -114,6 +118,10 @@ def reconstruct_baseline(
     zero_filled = op.zero_filled()[0].numpy()
     if method == "zero_filled":
         image = zero_filled
+    elif method == "bart_pics":
+        from improved_diffusion.mri.bart import pics_l1
+
+        image = pics_l1(y, mask, mps, lamda, iters=max_iter)
     else:
         import sigpy.mri.app as app  # lazy: sigpy/numba import costs seconds
 
@@ -137,6 +145,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.method not in METHODS:
             raise ValueError(f"--method must be one of {METHODS}, got {args.method!r}")
+        maps_estimator = None
+        if args.method == "bart_pics":
+            from improved_diffusion.mri import bart
+
+            if not bart.bart_available():
+                raise ValueError(
+                    "--method bart_pics needs the 'bart' command (BART), which is not on the PATH; "
+                    "install it, e.g. 'apt-get install -y bart'"
+                )
+
+            def maps_estimator(kspace, mask):
+                return torch.from_numpy(bart.ecalib(kspace, mask))
+
         paths = list_inputs(args.input)
         spec = mask_spec_from_args(args)
 
@@ -161,6 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
 
         attrs = {"method": args.method, "lamda": lamda, "max_iter": args.max_iter, "num_samples": 1}
+        if args.method == "bart_pics":
+            attrs.update(bart_version=bart.bart_version(), maps="file sens_maps, else bart ecalib -m1")
         result = run_files(
             paths,
             spec,
@@ -171,6 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             png=args.png,
             max_png_per_file=args.max_png_per_file,
             progress=args.progress,
+            maps_estimator=maps_estimator,
         )
     except (BadFileError, ValueError, FileNotFoundError) as err:
         return report_error(err)
