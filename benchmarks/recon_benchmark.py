@@ -7,9 +7,11 @@ product's own command-line scripts (scripts/baseline_recon.py, scripts/image_sam
 with this Python), and its output volumes are scored here against the targets stored in the input files
 (reconstruction_esc for single-coil, reconstruction_rss for multi-coil) with fastMRI's metrics.
 
-Methods: zero_filled, sense (multi-coil only), l1_wavelet, ddim_project (DDIM, x̂0 projected onto the
-measurements), ddim_replace (DDIM, noisy k-space replacement), and with --ancestral, ancestral_project
-(the full-length ancestral chain with learned variances, for the DDIM-vs-many-steps comparison).
+Methods: zero_filled, sense (multi-coil only), l1_wavelet, bart_pics (BART's ``pics -l1`` with
+``ecalib`` maps, the outside reference; skipped with a note when the ``bart`` command is missing),
+ddim_project (DDIM, x̂0 projected onto the measurements), ddim_replace (DDIM, noisy k-space replacement),
+and with --ancestral, ancestral_project (the full-length ancestral chain with learned variances, for the
+DDIM-vs-many-steps comparison).
 
 Writes (see docs/results.md):
     results/recon_metrics.csv    tidy: one row per method × coil × acceleration (mean ± std over volumes)
@@ -65,6 +67,11 @@ BASELINE_LAMBDA: Dict[Tuple[str, str, int], float] = {
     ("l1_wavelet", "multicoil", 8): 3e-2,
     ("sense", "multicoil", 4): 1e-3,
     ("sense", "multicoil", 8): 1e-2,
+    # BART pics -l1 (same objective and units as l1_wavelet; its own sweep, on the same volume and grid)
+    ("bart_pics", "singlecoil", 4): 1e-3,
+    ("bart_pics", "singlecoil", 8): 3e-3,
+    ("bart_pics", "multicoil", 4): 3e-4,
+    ("bart_pics", "multicoil", 8): 1e-2,
 }
 # Diffusion options per (coil, acceleration), chosen like the lambdas on the same training volume: at
 # multi-coil 8x the maps come from 5 centre columns (low-resolution fallback) and do not explain the data,
@@ -73,8 +80,17 @@ BASELINE_LAMBDA: Dict[Tuple[str, str, int], float] = {
 DIFFUSION_ARGS: Dict[Tuple[str, int], List[str]] = {
     ("multicoil", 8): ["--gamma", "0.1", "--final_dc", "False"],
 }
-ALL_METHODS = ("zero_filled", "sense", "l1_wavelet", "ddim_project", "ddim_replace", "ancestral_project")
-BASELINES = ("zero_filled", "sense", "l1_wavelet")
+ALL_METHODS = (
+    "zero_filled",
+    "sense",
+    "l1_wavelet",
+    "bart_pics",
+    "ddim_project",
+    "ddim_replace",
+    "ancestral_project",
+)
+BASELINES = ("zero_filled", "sense", "l1_wavelet", "bart_pics")
+BART_METHODS = ("bart_pics",)  # need the `bart` command line
 MAPS_NOTES = {
     "estimate": "estimated per slice from the fully sampled centre of the undersampled k-space "
     "(the sensitivity maps stored in the files, computed from fully sampled data, were not used)",
@@ -119,6 +135,7 @@ def build_methods(args: argparse.Namespace) -> List[Method]:
         Method("zero_filled", "Zero-filled", "baseline_recon.py", ["--method", "zero_filled"] + base_extra),
         Method("sense", "SENSE", "baseline_recon.py", ["--method", "sense"] + base_extra),
         Method("l1_wavelet", "L1-wavelet", "baseline_recon.py", ["--method", "l1_wavelet"] + base_extra),
+        Method("bart_pics", "BART L1-wavelet", "baseline_recon.py", ["--method", "bart_pics"] + base_extra),
         Method(
             "ddim_project",
             f"DDIM-{args.ddim_steps}, projection",
@@ -151,6 +168,19 @@ def build_methods(args: argparse.Namespace) -> List[Method]:
     if any(m.diffusion for m in chosen) and not args.model_path:
         raise ValueError("--model_path is needed for the diffusion methods (or leave them out of --methods)")
     return chosen
+
+
+def drop_unavailable(methods: List[Method]) -> Tuple[List[Method], List[str]]:
+    """Leave out the BART methods when the ``bart`` command is missing; returns (kept, notes)."""
+    if not any(m.name in BART_METHODS for m in methods):
+        return methods, []
+    from improved_diffusion.mri.bart import bart_available
+
+    if bart_available():
+        return methods, []
+    skipped = [m.name for m in methods if m.name in BART_METHODS]
+    note = f"{', '.join(skipped)} skipped: the 'bart' command (BART) is not installed (apt-get install bart)"
+    return [m for m in methods if m.name not in BART_METHODS], [note]
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -534,7 +564,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--coils", default="singlecoil,multicoil")
     p.add_argument("--accelerations", default="4,8", help=f"from {sorted(PROTOCOLS)}")
-    p.add_argument("--methods", default="zero_filled,sense,l1_wavelet,ddim_project,ddim_replace")
+    p.add_argument("--methods", default="zero_filled,sense,l1_wavelet,bart_pics,ddim_project,ddim_replace")
     p.add_argument("--ancestral", action="store_true", help="also run ancestral_project (many steps)")
     p.add_argument("--ancestral_steps", type=int, default=0, help="respaced ancestral steps (0 = all T)")
     p.add_argument("--ddim_steps", type=int, default=50)
@@ -601,6 +631,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         methods = build_methods(args)
     except ValueError as err:
         print(f"recon_benchmark: error: {err}", file=sys.stderr)
+        return 2
+    methods, notes = drop_unavailable(methods)
+    for note in notes:
+        print(f"recon_benchmark: note: {note}", file=sys.stderr)
+    if not methods:
+        print("recon_benchmark: error: no method left to run", file=sys.stderr)
         return 2
     from tqdm import tqdm
 
@@ -700,6 +736,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         info.update(training_info(args.model_path))
     if failed:
         info["run"]["failed"] = failed
+    if notes:
+        info["run"]["notes"] = notes
     write_json(os.path.join(res, "benchmark_info.json"), info)
     print(
         f"[recon_benchmark] wrote {res}: recon_metrics.csv, recon_table.md, recon_figure.png, "

@@ -211,7 +211,7 @@ def _speed_value(col: str, raw: str) -> str:
     return fmt_number(x, 0) if x.is_integer() else fmt_number(x, 2)
 
 
-BASELINES = ("zero_filled", "sense", "l1_wavelet")
+BASELINES = ("zero_filled", "sense", "l1_wavelet", "bart_pics")
 COIL_NAMES = {"singlecoil": "single-coil", "multicoil": "multi-coil"}
 
 

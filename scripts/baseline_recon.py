@@ -8,7 +8,11 @@ on the scanner's units):
 * ``sense``: ``sigpy.mri.app.SenseRecon``, ``min_x ½‖M F S x − y‖² + ½λ‖x‖²`` by conjugate gradients
   (Pruessmann et al. 1999);
 * ``l1_wavelet``: ``sigpy.mri.app.L1WaveletRecon``, ``min_x ½‖M F S x − y‖² + λ‖Ψ x‖₁`` (Daubechies-4
-  wavelets, proximal gradient; Lustig et al. 2007, "Sparse MRI").
+  wavelets, proximal gradient; Lustig et al. 2007, "Sparse MRI");
+* ``bart_pics``: the same problem solved by BART (``bart pics -l1 -r λ``, FISTA with BART's random wavelet
+  shifts), the outside reference: maps from ``bart ecalib`` on the masked, prewhitened k-space (or the
+  file's ``sens_maps``), λ in the same normalized units (``-w 1``: BART does not rescale the data again).
+  Needs the ``bart`` command (e.g. ``apt-get install bart``); see improved_diffusion/mri/bart.py.
 
 The measurements go through the same preparation as the diffusion reconstruction
 (:func:`improved_diffusion.mri.coils.prepare_slice`: noise model, coil prewhitening, ESPIRiT maps on the
@@ -45,9 +49,9 @@ from improved_diffusion.recon_io import (
 )
 from improved_diffusion.script_util import add_dict_to_argparser
 
-METHODS = ("zero_filled", "sense", "l1_wavelet")
+METHODS = ("zero_filled", "sense", "l1_wavelet", "bart_pics")
 # Regularization weights in normalized units (image / scale); generic defaults (see the docstring).
-DEFAULT_LAMBDA = {"zero_filled": 0.0, "sense": 0.01, "l1_wavelet": 0.001}
+DEFAULT_LAMBDA = {"zero_filled": 0.0, "sense": 0.01, "l1_wavelet": 0.001, "bart_pics": 0.001}
 
 
 def baseline_defaults() -> Dict[str, Any]:
@@ -94,9 +98,9 @@ def reconstruct_baseline(
         kspace: masked k-space ``(H, W)`` or ``(C, H, W)`` complex, as measured.
         mask: mask broadcastable to it (``(W,)`` or ``(H, W)``).
         maps: stored ``(C, H, W)`` maps of the coils, or None (estimated; single-coil data need none).
-        method: one of ``zero_filled``, ``sense``, ``l1_wavelet``.
+        method: one of ``zero_filled``, ``sense``, ``l1_wavelet``, ``bart_pics``.
         lamda: regularization weight in normalized units.
-        max_iter: iterations of the sigpy solver.
+        max_iter: iterations of the sigpy solver (of ``bart pics`` for ``bart_pics``).
         noise_std, noise_scan: the noise (see :func:`improved_diffusion.mri.coils.prepare_slice`).
 
     Returns:
@@ -107,7 +111,14 @@ def reconstruct_baseline(
     """
     if method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
-    data = prepare_slice(kspace, mask, maps, noise_scan=noise_scan, noise_std=noise_std)
+    estimator = None
+    if method == "bart_pics":
+        from improved_diffusion.mri import bart
+
+        estimator = bart.ecalib
+    data = prepare_slice(
+        kspace, mask, maps, noise_scan=noise_scan, noise_std=noise_std, estimate_maps=estimator
+    )
     ksp = data.kspace if data.multicoil else data.kspace[None]
     mps = data.maps if data.multicoil else np.ones_like(ksp)
     weights = np.ascontiguousarray(np.broadcast_to(np.asarray(mask, dtype=np.float32), ksp.shape[-2:]))
@@ -119,6 +130,8 @@ def reconstruct_baseline(
     zero_filled = op.zero_filled()[0].numpy()
     if method == "zero_filled":
         image = zero_filled
+    elif method == "bart_pics":
+        image = bart.pics_l1(y, mask, mps, lamda, iters=max_iter)
     else:
         import sigpy.mri.app as app  # lazy: sigpy/numba import costs seconds
 
@@ -145,6 +158,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.method not in METHODS:
             raise ValueError(f"--method must be one of {METHODS}, got {args.method!r}")
+        if args.method == "bart_pics":
+            from improved_diffusion.mri import bart
+
+            if not bart.bart_available():
+                raise ValueError(
+                    "--method bart_pics needs the 'bart' command (BART), which is not on the PATH; "
+                    "install it, e.g. 'apt-get install -y bart'"
+                )
         paths = list_inputs(args.input)
         spec = mask_spec_from_args(args)
 
@@ -172,6 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
 
         attrs = {"method": args.method, "lamda": lamda, "max_iter": args.max_iter, "num_samples": 1}
+        if args.method == "bart_pics":
+            attrs.update(bart_version=bart.bart_version(), maps="file sens_maps, else bart ecalib -m1")
         result = run_files(
             paths,
             spec,

@@ -17,7 +17,7 @@ undoes it for the magnitude output: ``|x| * ||W^{-1} S(r)||`` is the root-sum-of
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -113,6 +113,7 @@ def prepare_slice(
     noise_scan: Optional[np.ndarray] = None,
     noise_std: Optional[float] = None,
     warn_misfit: bool = True,
+    estimate_maps: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None,
 ) -> CoilData:
     """Noise model, prewhitening and maps for one slice (see the module docstring).
 
@@ -124,6 +125,8 @@ def prepare_slice(
         noise_scan: ``(N, C)`` complex noise samples, or None.
         noise_std: complex noise std overriding the noise scan and the estimate (None or <= 0: not given).
         warn_misfit: warn (:class:`MapsWarning`) when the maps do not explain the calibration data.
+        estimate_maps: ``(whitened k-space (C, H, W), sampled (H, W)) -> maps`` instead of this package's
+            ESPIRiT (e.g. ``mri.bart.ecalib``); the noise estimate is then not refined by the maps.
 
     Returns:
         :class:`CoilData`.
@@ -145,7 +148,10 @@ def prepare_slice(
     whiten = noise.whitening()
     kspace = np.einsum("cd,dhw->chw", whiten, kspace).astype(np.complex64)
     sigma = noise.sigma
-    if maps is None:
+    if maps is None and estimate_maps is not None:
+        maps = check_maps(_numpy(estimate_maps(kspace, sampled)), kspace.shape)
+        misfit = calibration_misfit(kspace, maps, sampled, sigma)
+    elif maps is None:
         maps = estimate_sens_maps(kspace, mask=sampled, noise_std=sigma)
         misfit = calibration_misfit(kspace, maps, sampled, sigma)
         # The estimate from the data is an upper bound; so is the calibration residual that no image
