@@ -20,6 +20,7 @@ and return.
 """
 
 import contextlib
+import math
 import os
 import random
 import re
@@ -641,7 +642,9 @@ class TrainLoop:
         if (self.step + 1) % self.log_interval == 0:  # only on steps that are dumped: it costs a pass
             logger.logkv("param_norm", float(_total_norm(self.params)))
         if self.scaler.is_enabled():
-            logger.logkv("loss_scale", self.scaler.get_scale())
+            scale = self.scaler.get_scale()
+            logger.logkv("loss_scale", scale)
+            logger.logkv("lg_loss_scale", math.log2(scale))  # upstream's key: it kept the scale as log2
         logger.logkv("lr", self.opt.param_groups[0]["lr"])
 
     def _anneal_lr(self) -> None:

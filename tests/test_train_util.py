@@ -153,6 +153,16 @@ def test_logged_keys(tmp_path):
     assert quartiles and set(quartiles) <= {"loss_q0", "loss_q1", "loss_q2", "loss_q3"}
 
 
+def test_loss_scale_logged_as_upstream_lg_loss_scale(tmp_path):
+    loop = make_loop(tmp_path, fixed_batches(1), max_steps=1)
+    # fp16 needs CUDA; a CPU GradScaler exercises the same logging path.
+    loop.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    logger.configure(str(tmp_path), format_strs=["csv"])
+    loop.run_loop()
+    row = read_progress(tmp_path)[-1]
+    assert float(row["loss_scale"]) == 1024.0 and float(row["lg_loss_scale"]) == 10.0
+
+
 def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     loop = make_loop(tmp_path, fixed_batches(2), max_steps=1, save_interval=1)
     loop.run_loop()
