@@ -35,7 +35,12 @@ from improved_diffusion.script_util import (
     save_config,
     upstream_flag_notes,
 )
-from improved_diffusion.train_util import NonFiniteLossError, TrainLoop, find_resume_checkpoint
+from improved_diffusion.train_util import (
+    CheckpointSaveError,
+    NonFiniteLossError,
+    TrainLoop,
+    find_resume_checkpoint,
+)
 
 # Test hook: when set, every rank writes <log_dir>/rank_report_<rank>.json (hash of its final parameters and
 # the files it read), so the distributed tests can check gradient sync and data sharding.
@@ -284,6 +289,10 @@ def main() -> None:
         logger.log(f"error: {err}")
         dist_util.cleanup_dist()
         raise SystemExit(f"error: {err}") from None
+    except CheckpointSaveError as err:  # e.g. a full disk; the incomplete set is already removed
+        logger.log(f"error: {err}")
+        print_error(err)
+        raise SystemExit(2) from None
     except BadFileError as err:  # a slice found bad while reading (NaN/inf, all zero, unreadable chunk)
         logger.log(f"error: {err}")
         if dist_util.get_world_size() == 1 and 0 < loop.step != loop.last_saved_step:
