@@ -296,7 +296,10 @@ def main() -> None:
     except BadFileError as err:  # a slice found bad while reading (NaN/inf, all zero, unreadable chunk)
         logger.log(f"error: {err}")
         if dist_util.get_world_size() == 1 and 0 < loop.step != loop.last_saved_step:
-            loop.save()  # the bad batch never reached the model; keep the steps done so far
+            try:
+                loop.save()  # the bad batch never reached the model; keep the steps done so far
+            except CheckpointSaveError as save_err:
+                print_error(save_err)
         print(f"error: {err} (--on_bad_file skip leaves such files out)", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
