@@ -10,6 +10,11 @@ How the launcher is recognised (:func:`setup_dist`):
 - Anything else is a plain single process: no MPI runtime is needed (mpi4py is imported only when an MPI
   launcher is detected), no process group is created, ``get_rank() == 0`` and ``get_world_size() == 1``.
 
+mpi4py is optional (``pip install -e '.[mpi]'``, which also needs an MPI library at run time). Under an MPI
+launcher without a usable mpi4py, a world of one (``PMI_SIZE``, ``OMPI_COMM_WORLD_SIZE`` or
+``MV2_COMM_WORLD_SIZE`` = 1) runs as a plain process; a larger world raises :class:`LauncherError` saying
+what to install (or to launch with ``torchrun`` instead).
+
 Backend: ``nccl`` on CUDA (device = local rank), ``gloo`` on CPU. Set ``IMPROVED_DIFFUSION_DIST_BACKEND`` to
 override it (e.g. ``gloo`` on a GPU node whose NCCL is broken).
 """
@@ -17,7 +22,7 @@ override it (e.g. ``gloo`` on a GPU node whose NCCL is broken).
 import io
 import os
 import socket
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,9 +30,15 @@ import torch.distributed as dist
 # Rank variables that MPI launchers export to every process: PMI_* (MPICH/Hydra, Intel MPI, srun --mpi=pmi2),
 # OMPI_* (Open MPI), PMIX_* (PMIx, e.g. srun --mpi=pmix), MV2_* (MVAPICH2).
 _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+# World-size variables of the same launchers (PMIx exports none; its world size is then unknown here).
+_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 _local_rank = 0
 _launcher = "none"
+
+
+class LauncherError(RuntimeError):
+    """The launcher asks for several processes, but this installation cannot join them (one line)."""
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -84,9 +95,40 @@ def _limit_cpu_threads(local_world_size: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
 
 
+def _mpi_env_world_size() -> Optional[int]:
+    """World size that the MPI launcher exported, or None when it exported none."""
+    for name in _MPI_SIZE_VARS:
+        size = _env_int(name)
+        if size is not None:
+            return size
+    return None
+
+
+def _import_mpi() -> Tuple[Any, Optional[str]]:
+    """``(mpi4py.MPI, None)``, or ``(None, why not)`` when mpi4py is missing or cannot load libmpi."""
+    try:
+        from mpi4py import MPI  # lazy: plain runs must not need an MPI runtime
+    except ImportError:
+        return None, "mpi4py is not installed"
+    except RuntimeError as err:  # mpi4py 4 raises RuntimeError("cannot load MPI library") without libmpi
+        return None, f"mpi4py cannot load an MPI library ({str(err).splitlines()[0]})"
+    return MPI, None
+
+
 def _setup_mpi(backend: str) -> None:
     global _local_rank
-    from mpi4py import MPI  # lazy: plain runs must not need an MPI runtime
+    MPI, problem = _import_mpi()
+    if MPI is None:
+        world = _mpi_env_world_size()
+        rank_var = next(v for v in _MPI_RANK_VARS if os.environ.get(v) is not None)
+        if world == 1:
+            return  # an MPI singleton: nothing to join
+        raise LauncherError(
+            f"an MPI launcher started this process ({rank_var}={os.environ[rank_var]}, world size "
+            f"{world if world is not None else 'unknown'}) but {problem}: install mpi4py and an MPI library "
+            "(pip install -e '.[mpi]' with your site's MPI, or '.[dev]' for mpich from PyPI), or launch "
+            "with torchrun instead"
+        )
 
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
@@ -139,6 +181,10 @@ def setup_dist(backend: Optional[str] = None) -> None:
 
     Args:
         backend: torch.distributed backend; default ``nccl`` with CUDA, ``gloo`` without.
+
+    Raises:
+        LauncherError: under an MPI launcher with more than one rank (or an unknown count) when mpi4py is
+            missing or cannot load libmpi.
     """
     global _launcher
     if dist.is_available() and dist.is_initialized():

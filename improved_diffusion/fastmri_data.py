@@ -17,7 +17,7 @@ divided by a per-slice intensity scale (:func:`scale_from_kspace`) that travels 
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import h5py
 import numpy as np
@@ -219,26 +219,51 @@ def check_file(path: str, require_maps: bool = True, crop_size: CropSize = None)
         raise bad(f"unreadable: {_first_line(err)}") from None
 
 
+Report = Callable[[str], None]
+
+
+def _warn(line: str) -> None:
+    warnings.warn(line, stacklevel=3)
+
+
 def index_files(
-    paths: Sequence[str], on_bad_file: str = "error", require_maps: bool = True, crop_size: CropSize = None
+    paths: Sequence[str],
+    on_bad_file: str = "error",
+    require_maps: bool = True,
+    crop_size: CropSize = None,
+    report: Optional[Report] = None,
 ) -> List[FileInfo]:
-    """Run :func:`check_file` over ``paths``; bad files raise (``"error"``) or are skipped with a warning."""
-    if on_bad_file not in ("error", "skip"):
-        raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
-    infos, skipped = [], []
+    """Run :func:`check_file` over every one of ``paths``.
+
+    Args:
+        on_bad_file: ``"error"`` raises once all files are checked; ``"skip"`` leaves bad files out.
+        report: called with one line per skipped file (``"skipping bad file <path>: <problem>"``) and a
+            summary line; default ``warnings.warn``.
+
+    Raises:
+        BadFileError: in ``"error"`` mode, one line per bad file.
+    """
+    check_on_bad_file(on_bad_file)
+    report = report or _warn
+    infos, bad = [], []
     for path in paths:
         try:
             infos.append(check_file(path, require_maps=require_maps, crop_size=crop_size))
         except BadFileError as err:
-            if on_bad_file == "error":
-                raise
-            skipped.append(str(err))
-            warnings.warn(f"skipping bad file {err}", stacklevel=2)
-    if skipped:
-        warnings.warn(
-            f"skipped {len(skipped)} of {len(paths)} files as bad (on_bad_file='skip')", stacklevel=2
-        )
+            bad.append(str(err))
+            if on_bad_file == "skip":
+                report(f"skipping bad file {err}")
+    if bad and on_bad_file == "error":
+        raise BadFileError("\n".join(bad))
+    if bad:
+        report(f"skipped {len(bad)} of {len(paths)} files as bad (on_bad_file='skip')")
     return infos
+
+
+def check_on_bad_file(on_bad_file: str) -> None:
+    """Raise a ValueError unless ``on_bad_file`` is ``"error"`` or ``"skip"``."""
+    if on_bad_file not in ("error", "skip"):
+        raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
 
 
 def _first_line(err: BaseException) -> str:
@@ -257,17 +282,49 @@ def _crop_pair(crop_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
 # Dataset and loader.
 
 
+def slice_problem(kspace: torch.Tensor, maps: Optional[torch.Tensor] = None) -> Optional[str]:
+    """What makes one slice unusable for training, or None: NaN/inf in ``kspace`` or ``maps``, or all-zero
+    ``kspace`` (a slice with nothing to learn from; its scale would be meaningless).
+
+    Args:
+        kspace: (H, W) or (C, H, W) complex k-space of the slice.
+        maps: (C, H, W) sensitivity maps, or None.
+    """
+    for key, values in ((_KSPACE, kspace), (_MAPS, maps)):
+        if values is None:
+            continue
+        bad = int((~torch.isfinite(torch.view_as_real(values) if values.is_complex() else values)).sum())
+        if bad:
+            return f"'{key}' holds {bad} NaN or inf values"
+    if not bool(kspace.any()):
+        return f"'{_KSPACE}' is all zero"
+    return None
+
+
 class FastMRISliceDataset(Dataset):
-    """One item per (file, slice): ``(x (2, h, w) float32, {"scale", "fname", "slice_idx"})``.
+    """One item per (file, slice): ``(x (2, h, w) float32, {"scale", "fname", "slice_idx", "bad"})``.
 
     Files are opened per item (cheap with h5py), so the dataset holds no handle and works in DataLoader
-    worker processes with any start method.
+    worker processes with any start method. Each slice's values are checked as it is read
+    (:func:`slice_problem`), so a file is read once per epoch and never twice for checking. A bad slice
+    raises :class:`BadFileError` (``on_bad_file="error"``) or, with ``"skip"``, marks its whole file bad in
+    this process: the item is replaced by the next one of a good file and ``"bad"`` lists
+    ``(path, reason)`` for the files found bad on the way.
     """
 
-    def __init__(self, files: Sequence[FileInfo], crop_size: CropSize = None, skip_edge_slices: int = 0):
+    def __init__(
+        self,
+        files: Sequence[FileInfo],
+        crop_size: CropSize = None,
+        skip_edge_slices: int = 0,
+        on_bad_file: str = "error",
+    ):
         if skip_edge_slices < 0:
             raise ValueError(f"skip_edge_slices must be >= 0, got {skip_edge_slices}")
+        check_on_bad_file(on_bad_file)
         self.crop = None if crop_size is None else _crop_pair(crop_size)
+        self.on_bad_file = on_bad_file
+        self.bad_files: Dict[str, str] = {}  # path -> reason, found in this process
         self.items: List[Tuple[str, int, bool]] = []
         for info in files:
             # Noise-only slices sit at both ends of a volume; drop skip_edge_slices on each side.
@@ -278,6 +335,33 @@ class FastMRISliceDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict]:
+        if self.on_bad_file == "error":
+            x, kwargs = self.read_item(index)
+            kwargs["bad"] = []
+            return x, kwargs
+        found = []
+        for step in range(len(self.items)):
+            i = (index + step) % len(self.items)
+            if self.items[i][0] in self.bad_files:
+                continue
+            try:
+                x, kwargs = self.read_item(i)
+            except BadFileError as err:
+                self.bad_files[self.items[i][0]] = str(err)
+                found.append((self.items[i][0], str(err)))
+                continue
+            kwargs["bad"] = found
+            return x, kwargs
+        raise BadFileError(
+            f"every file of this shard is bad (on_bad_file='skip'): {'; '.join(self.bad_files.values())}"
+        )
+
+    def read_item(self, index: int) -> Tuple[torch.Tensor, Dict]:
+        """Item ``index`` as it is on disk (no skipping).
+
+        Raises:
+            BadFileError: ``"<path>: slice <s>: <problem>"`` for an unreadable or unusable slice.
+        """
         path, s, multicoil = self.items[index]
         try:
             with h5py.File(path, "r") as f:
@@ -285,6 +369,9 @@ class FastMRISliceDataset(Dataset):
                 maps = torch.from_numpy(np.asarray(f[_MAPS][s])) if multicoil else None
         except (OSError, KeyError, RuntimeError, ValueError) as err:
             raise BadFileError(f"{path}: cannot read slice {s}: {_first_line(err)}") from None
+        problem = slice_problem(kspace, maps)
+        if problem is not None:
+            raise BadFileError(f"{path}: slice {s}: {problem}")
         kspace = kspace.to(torch.complex64)
         scale = scale_from_kspace(kspace)
         image = slice_to_image(kspace, None if maps is None else maps.to(torch.complex64))
@@ -297,7 +384,11 @@ class FastMRISliceDataset(Dataset):
 
 
 def collate_slices(batch: List[Tuple[torch.Tensor, Dict]]) -> Tuple[torch.Tensor, Dict]:
-    """Stack items: ``(x (B, 2, h, w), {"scale": (B,) float32, "fname": [B], "slice_idx": (B,) int64})``."""
+    """Stack items: ``(x (B, 2, h, w), {"scale": (B,) float32, "fname": [B], "slice_idx": (B,) int64})``.
+
+    Items' ``"bad"`` lists (files found bad while reading, see :class:`FastMRISliceDataset`) are joined
+    under ``"bad"``.
+    """
     shapes = {tuple(x.shape) for x, _ in batch}
     if len(shapes) > 1:
         raise ValueError(f"cannot batch slices of different sizes {sorted(shapes)}; use crop_size or batch 1")
@@ -307,6 +398,9 @@ def collate_slices(batch: List[Tuple[torch.Tensor, Dict]]) -> Tuple[torch.Tensor
         "fname": [item[1]["fname"] for item in batch],
         "slice_idx": torch.tensor([item[1]["slice_idx"] for item in batch], dtype=torch.int64),
     }
+    bad = [line for item in batch for line in item[1].get("bad", [])]
+    if bad:
+        kwargs["bad"] = bad
     return x, kwargs
 
 
@@ -319,43 +413,33 @@ def _default_shard() -> Tuple[int, int]:
         return 0, 1
 
 
-def load_data(
+def index_data(
     *,
     data_dir: str,
-    batch_size: int,
+    batch_size: int = 1,
     crop_size: CropSize = None,
-    deterministic: bool = False,
     skip_edge_slices: int = 0,
-    num_workers: int = 0,
     on_bad_file: str = "error",
     shard: Optional[int] = None,
     num_shards: Optional[int] = None,
-    seed: int = 0,
-) -> Iterator[Tuple[torch.Tensor, Dict]]:
-    """Infinite generator of training batches from a folder of fastMRI h5 files.
+    report: Optional[Report] = None,
+) -> List[FileInfo]:
+    """The index pass of :func:`load_data`: this shard's usable files, each checked by :func:`check_file`
+    (keys, dtypes and shapes; no slice data is read).
 
     Files (sorted) are split across ranks as ``files[shard::num_shards]`` (defaults: this process's rank
-    and world size), then each file of the shard is checked (:func:`check_file`) before anything is read.
+    and world size). Arguments as in :func:`load_data`.
 
-    Args:
-        data_dir: folder searched recursively for ``*.h5`` / ``*.hdf5``.
-        batch_size: slices per batch; > 1 needs equal slice sizes (use ``crop_size`` for mixed sizes).
-        crop_size: center crop of the image, int or (h, w); None keeps the full size.
-        deterministic: fixed order every pass; otherwise shuffled with a generator seeded by ``seed``.
-        skip_edge_slices: slices dropped at each end of every volume (noise-only edges).
-        num_workers: torch DataLoader worker processes.
-        on_bad_file: "error" raises :class:`BadFileError`; "skip" warns and leaves the file out.
-        shard, num_shards: this process's part of the files; default from dist_util (0, 1 otherwise).
-        seed: shuffling seed.
-
-    Yields:
-        ``(x, kwargs)``: x float32 (B, 2, h, w) = (real, imag) of image / scale; kwargs
-        ``{"scale": float32 (B,), "fname": list[str], "slice_idx": int64 (B,)}``.
+    Raises:
+        BadFileError: in ``"error"`` mode, one line per bad file of the shard.
+        ValueError: bad arguments, no files, a shard left without usable files or too few slices for a
+            batch, mixed slice sizes for batches without a crop.
     """
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if skip_edge_slices < 0:
+        raise ValueError(f"skip_edge_slices must be >= 0, got {skip_edge_slices}")
+    check_on_bad_file(on_bad_file)
     if crop_size is not None:
         crop_size = _crop_pair(crop_size)
     if shard is None or num_shards is None:
@@ -374,7 +458,7 @@ def load_data(
             f"shard {shard} of {num_shards} gets no files: {data_dir!r} holds only {len(paths)}; "
             "use fewer ranks"
         )
-    infos = index_files(mine, on_bad_file=on_bad_file, require_maps=True, crop_size=crop_size)
+    infos = index_files(mine, on_bad_file=on_bad_file, require_maps=True, crop_size=crop_size, report=report)
     if not infos:
         raise ValueError(f"no usable files in shard {shard} of {num_shards} of {data_dir!r} (all were bad)")
     if batch_size > 1 and crop_size is None:
@@ -385,12 +469,91 @@ def load_data(
                 f"batch_size={batch_size} needs equal slice sizes, but {p1} has {s1} and {p2} has {s2}; "
                 "pass crop_size or use batch_size=1"
             )
+    num_slices = sum(max(0, info.num_slices - 2 * skip_edge_slices) for info in infos)
+    if num_slices < batch_size:
+        raise ValueError(
+            f"only {num_slices} slices in shard {shard} of {data_dir!r} (after skip_edge_slices="
+            f"{skip_edge_slices}), fewer than batch_size={batch_size}"
+        )
+    return infos
 
-    dataset = FastMRISliceDataset(infos, crop_size=crop_size, skip_edge_slices=skip_edge_slices)
+
+def _worker_message(err: BadFileError) -> str:
+    """The original one-line message of a BadFileError that a DataLoader worker raised.
+
+    torch re-raises a worker's exception in the main process as the same type with ``"Caught ... in
+    DataLoader worker process n. Original Traceback ..."`` and the formatted traceback as its message; the
+    original message is what follows the last ``BadFileError: ``.
+    """
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    marker = f"{BadFileError.__name__}: "
+    return text[text.rindex(marker) + len(marker) :].strip() if marker in text else text
+
+
+def load_data(
+    *,
+    data_dir: str = "",
+    batch_size: int,
+    crop_size: CropSize = None,
+    deterministic: bool = False,
+    skip_edge_slices: int = 0,
+    num_workers: int = 0,
+    on_bad_file: str = "error",
+    shard: Optional[int] = None,
+    num_shards: Optional[int] = None,
+    seed: int = 0,
+    files: Optional[Sequence[FileInfo]] = None,
+    report: Optional[Report] = None,
+) -> Iterator[Tuple[torch.Tensor, Dict]]:
+    """Infinite generator of training batches from a folder of fastMRI h5 files.
+
+    The index pass (:func:`index_data`) checks every file of this rank's shard before anything is read;
+    pass its result as ``files`` to run it earlier (scripts/image_train.py does, before building the
+    model). Each slice's values are checked as it is read (:func:`slice_problem`): NaN/inf or all-zero
+    k-space is a bad file found late, handled by ``on_bad_file`` like the others.
+
+    Args:
+        data_dir: folder searched recursively for ``*.h5`` / ``*.hdf5`` (unused when ``files`` is given).
+        batch_size: slices per batch; > 1 needs equal slice sizes (use ``crop_size`` for mixed sizes).
+        crop_size: center crop of the image, int or (h, w); None keeps the full size.
+        deterministic: fixed order every pass; otherwise shuffled with a generator seeded by ``seed``.
+        skip_edge_slices: slices dropped at each end of every volume (noise-only edges).
+        num_workers: torch DataLoader worker processes.
+        on_bad_file: "error" raises :class:`BadFileError` (the index pass lists every bad file, a bad slice
+            found while training stops at that slice); "skip" reports and leaves the file out (a file
+            found bad while training is left out from then on, its slices replaced by other files').
+        shard, num_shards: this process's part of the files; default from dist_util (0, 1 otherwise).
+        seed: shuffling seed.
+        files: the result of :func:`index_data` (then ``data_dir`` and the shard are not looked at).
+        report: called with one line per skipped file; default ``warnings.warn``.
+
+    Yields:
+        ``(x, kwargs)``: x float32 (B, 2, h, w) = (real, imag) of image / scale; kwargs
+        ``{"scale": float32 (B,), "fname": list[str], "slice_idx": int64 (B,)}``.
+    """
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if files is None:
+        files = index_data(
+            data_dir=data_dir,
+            batch_size=batch_size,
+            crop_size=crop_size,
+            skip_edge_slices=skip_edge_slices,
+            on_bad_file=on_bad_file,
+            shard=shard,
+            num_shards=num_shards,
+            report=report,
+        )
+    report = report or _warn
+    dataset = FastMRISliceDataset(
+        files, crop_size=crop_size, skip_edge_slices=skip_edge_slices, on_bad_file=on_bad_file
+    )
     if len(dataset) < batch_size:
         raise ValueError(
-            f"only {len(dataset)} slices in shard {shard} of {data_dir!r} (after skip_edge_slices="
-            f"{skip_edge_slices}), fewer than batch_size={batch_size}"
+            f"only {len(dataset)} slices in {len(files)} files (after skip_edge_slices={skip_edge_slices}), "
+            f"fewer than batch_size={batch_size}"
         )
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
@@ -403,5 +566,14 @@ def load_data(
         generator=generator,
         persistent_workers=num_workers > 0,
     )
+    reported = set()  # each worker finds a bad file on its own; report it once
     while True:
-        yield from loader
+        try:
+            for x, kwargs in loader:
+                for path, line in kwargs.pop("bad", []):
+                    if path not in reported:
+                        reported.add(path)
+                        report(f"skipping bad file {line} (its slices are left out from now on)")
+                yield x, kwargs
+        except BadFileError as err:
+            raise BadFileError(_worker_message(err)) from None

@@ -1,5 +1,6 @@
 """Timestep respacing: use a subset of a base diffusion's steps (Nichol & Dhariwal 2021, sec. 4)."""
 
+import itertools
 from typing import Any, Callable, Dict, Iterable, List, Set, Union
 
 import numpy as np
@@ -12,8 +13,10 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Iterable[int]
     """Choose which of the base diffusion's ``num_timesteps`` steps to keep.
 
     The steps are split into equal sections (the first ``num_timesteps % len(sections)`` sections one
-    step longer); each section keeps ``count`` steps evenly spaced from its first to its last step
-    (rounded). ``"ddimN"`` instead uses the fixed integer stride of the DDIM paper that gives exactly N steps.
+    step longer); each section of ``size`` steps keeps ``count`` steps at the rounded positions
+    ``0, s, s + s, ...`` with the float stride ``s = (size - 1) / (count - 1)``: a running float sum, rounded
+    by Python's ``round`` (half to even), which is upstream improved-diffusion's rule to the last step.
+    ``"ddimN"`` instead uses the smallest integer stride of the DDIM paper that gives exactly N steps.
 
     Args:
         num_timesteps: number of steps of the base diffusion.
@@ -64,8 +67,12 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Iterable[int]
                 f"({section_counts!r} with {num_timesteps} diffusion steps)"
             )
         stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-        # Python's round (half to even) on purpose: identical step sets to upstream.
-        kept.extend(section_start + round(j * stride) for j in range(count))
+        # Same step sets as upstream, which adds the float stride up step by step and rounds each partial
+        # sum with Python's round (half to even). The running sum, not j * stride, decides the ties: at
+        # T=1000, "21" has stride 49.95; ten additions give 499.49999999999994 -> 499, while 10 * 49.95 is
+        # exactly 499.5 -> 500.
+        positions = itertools.accumulate(itertools.repeat(stride, count - 1), initial=0.0)
+        kept.extend(section_start + round(pos) for pos in positions)
         section_start += size
     return set(kept)
 

@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 import tempfile
-from typing import Any, Dict, Iterable, Tuple
+from typing import Any, Dict, Iterable, List, Tuple
 
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
@@ -16,6 +16,17 @@ from .unet import UNetModel
 
 NUM_CLASSES = 1000
 CONFIG_NAME = "config.json"
+
+# Flags of upstream improved-diffusion's image_train.py that no longer apply here: name -> (upstream's
+# default, what happens instead). They are accepted, so copy-pasted upstream commands run, and each one given
+# is answered by one "note:" line (:func:`upstream_flag_notes`).
+UPSTREAM_TRAIN_FLAGS: Dict[str, Tuple[Any, str]] = {
+    "fp16_scale_growth": (
+        1e-3,
+        "the loss scale is handled by torch.amp.GradScaler (doubled after 2000 steps without overflow, "
+        "halved on an overflow); it is logged as loss_scale and lg_loss_scale",
+    ),
+}
 
 
 def model_and_diffusion_defaults() -> Dict[str, Any]:
@@ -230,6 +241,28 @@ def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict[st
         else:
             v_type = type(v)
         parser.add_argument(f"--{k}", default=v, type=v_type)
+
+
+def add_upstream_flags(parser: argparse.ArgumentParser, flags: Dict[str, Tuple[Any, str]]) -> None:
+    """Accept upstream-only flags (e.g. :data:`UPSTREAM_TRAIN_FLAGS`); default None means "not given"."""
+    for name, (upstream_default, note) in flags.items():
+        v_type = str2bool if isinstance(upstream_default, bool) else type(upstream_default)
+        parser.add_argument(
+            f"--{name}",
+            default=None,
+            type=v_type,
+            help=f"upstream's flag (default {upstream_default}): {note}",
+        )
+
+
+def upstream_flag_notes(args: Any, flags: Dict[str, Tuple[Any, str]]) -> List[str]:
+    """One line per upstream-only flag given in ``args``: ``note: --<name> is ignored: <why>``."""
+    values = args if isinstance(args, dict) else vars(args)
+    return [
+        f"note: --{name} is ignored: {note}"
+        for name, (_, note) in flags.items()
+        if values.get(name) is not None
+    ]
 
 
 def args_to_dict(args: Any, keys: Iterable[str]) -> Dict[str, Any]:

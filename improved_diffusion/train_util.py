@@ -20,6 +20,8 @@ and return.
 """
 
 import contextlib
+import errno
+import math
 import os
 import random
 import re
@@ -45,6 +47,27 @@ os.umask(_UMASK)
 
 class NonFiniteLossError(RuntimeError):
     """Raised when ``max_nan_steps`` consecutive steps had a non-finite loss or gradient."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint set could not be written (e.g. a full disk); the message is one line naming the file.
+
+    The incomplete set is removed first, so the newest set on disk is the last complete one.
+    """
+
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """True if ``err`` or an exception it was raised from is ENOSPC / EDQUOT."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -641,7 +664,9 @@ class TrainLoop:
         if (self.step + 1) % self.log_interval == 0:  # only on steps that are dumped: it costs a pass
             logger.logkv("param_norm", float(_total_norm(self.params)))
         if self.scaler.is_enabled():
-            logger.logkv("loss_scale", self.scaler.get_scale())
+            scale = self.scaler.get_scale()
+            logger.logkv("loss_scale", scale)
+            logger.logkv("lg_loss_scale", math.log2(scale))  # upstream's key: it kept the scale as log2
         logger.logkv("lr", self.opt.param_groups[0]["lr"])
 
     def _anneal_lr(self) -> None:
@@ -667,37 +692,84 @@ class TrainLoop:
         return state
 
     def save(self) -> None:
-        """Write model, EMA and (last) opt files for the current step; every rank must call it."""
+        """Write model, EMA and (last) opt files for the current step; every rank must call it.
+
+        Raises:
+            CheckpointSaveError: on every rank when rank 0 could not write the set (one line naming the file;
+                the incomplete set is removed, the previous complete set stays the newest).
+        """
         rng_states = dist_util.all_gather_object(capture_rng_state())
         error = None
         if dist_util.is_main_process():
             try:
                 self._write_checkpoint_set(rng_states)
             except Exception as err:  # report to the other ranks instead of leaving them in a barrier
-                error = f"{type(err).__name__}: {err}"
+                error = str(err)
                 raise
             finally:
                 dist_util.broadcast_object(error)
-        elif dist_util.broadcast_object(None) is not None:
-            raise RuntimeError(f"rank 0 failed to save the checkpoint at step {self.step}")
+        else:
+            error = dist_util.broadcast_object(None)
+            if error is not None:
+                raise CheckpointSaveError(f"rank 0 failed to save checkpoint set {self.step:06d}: {error}")
         self.last_saved_step = self.step
+
+    def _checkpoint_files(self, rng_states: List[Dict[str, Any]]) -> List[Tuple[str, Any]]:
+        """``(path, make_state)`` for each file of the current step's set, in writing order (opt last)."""
+
+        def opt_state() -> Dict[str, Any]:
+            return {
+                "format_version": CHECKPOINT_FORMAT_VERSION,
+                "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "step": self.step,
+                "nan_steps": self.nan_steps,
+                "precision": self.precision,
+                "world_size": self.world_size,
+                "schedule_sampler": sampler_state(self.schedule_sampler),
+                "rng": rng_states,
+            }
+
+        files: List[Tuple[str, Any]] = [
+            (os.path.join(self.log_dir, model_filename(self.step)), self.model.state_dict)
+        ]
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            path = os.path.join(self.log_dir, ema_filename(rate, self.step))
+            files.append((path, lambda params=params: self._params_to_state_dict(params)))
+        files.append((os.path.join(self.log_dir, opt_filename(self.step)), opt_state))
+        return files
 
     def _write_checkpoint_set(self, rng_states: List[Dict[str, Any]]) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
         logger.log(f"saving checkpoint set {self.step:06d} to {self.log_dir}")
-        atomic_torch_save(self.model.state_dict(), os.path.join(self.log_dir, model_filename(self.step)))
-        for rate, params in zip(self.ema_rate, self.ema_params):
-            path = os.path.join(self.log_dir, ema_filename(rate, self.step))
-            atomic_torch_save(self._params_to_state_dict(params), path)
-        opt_state = {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
-            "optimizer": self.opt.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "step": self.step,
-            "nan_steps": self.nan_steps,
-            "precision": self.precision,
-            "world_size": self.world_size,
-            "schedule_sampler": sampler_state(self.schedule_sampler),
-            "rng": rng_states,
-        }
-        atomic_torch_save(opt_state, os.path.join(self.log_dir, opt_filename(self.step)))
+        files = self._checkpoint_files(rng_states)
+        for path, make_state in files:
+            try:
+                atomic_torch_save(make_state(), path)
+            except Exception as err:
+                # Saves happen only at steps not saved before, so every file of this step belongs to the
+                # failed set: remove them all (a crash instead leaves them, and resuming ignores the set
+                # because its opt file is missing).
+                for other, _ in files:
+                    with contextlib.suppress(OSError):
+                        os.remove(other)
+                raise CheckpointSaveError(self._save_failure(path, err)) from err
+
+    def _save_failure(self, path: str, err: BaseException) -> str:
+        """The one-line message for a checkpoint set that could not be written at ``path``."""
+        full = _is_disk_full(err)
+        what = "no space left on the device" if full else f"{type(err).__name__}: {err}"
+        try:
+            sets = list_complete_checkpoints(self.log_dir, self.ema_rate)
+        except OSError:
+            sets = []
+        previous = (
+            f"the newest complete set is {sets[-1].step:06d} ({sets[-1].model})"
+            if sets
+            else "no complete set"
+        )
+        return (
+            f"cannot write checkpoint {path}: {what}; removed the incomplete set {self.step:06d}, "
+            f"{previous}. {'Free space' if full else 'Fix that'}, then resume with --resume_checkpoint "
+            f"{self.log_dir}"
+        ).replace("\n", " ")

@@ -15,23 +15,32 @@ import hashlib
 import json
 import os
 import random
+import sys
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from improved_diffusion import dist_util, logger
-from improved_diffusion.fastmri_data import load_data
+from improved_diffusion.fastmri_data import BadFileError, FileInfo, index_data, load_data
 from improved_diffusion.resample import create_named_schedule_sampler
 from improved_diffusion.script_util import (
+    UPSTREAM_TRAIN_FLAGS,
     add_dict_to_argparser,
+    add_upstream_flags,
     args_to_dict,
     create_model_and_diffusion,
     load_config,
     model_and_diffusion_defaults,
     save_config,
+    upstream_flag_notes,
 )
-from improved_diffusion.train_util import NonFiniteLossError, TrainLoop, find_resume_checkpoint
+from improved_diffusion.train_util import (
+    CheckpointSaveError,
+    NonFiniteLossError,
+    TrainLoop,
+    find_resume_checkpoint,
+)
 
 # Test hook: when set, every rank writes <log_dir>/rank_report_<rank>.json (hash of its final parameters and
 # the files it read), so the distributed tests can check gradient sync and data sharding.
@@ -72,7 +81,46 @@ def create_argparser() -> argparse.ArgumentParser:
     defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_dict_to_argparser(parser, defaults)
+    add_upstream_flags(parser, UPSTREAM_TRAIN_FLAGS)  # so copy-pasted upstream commands run
     return parser
+
+
+def print_error(err: BaseException) -> None:
+    """``error: <line>`` on stderr for each line of ``err`` (rank 0 only; no traceback)."""
+    if dist_util.is_main_process():
+        for line in str(err).splitlines():
+            print(f"error: {line}", file=sys.stderr, flush=True)
+
+
+def index_training_files(args: argparse.Namespace, crop_size: Any) -> List[FileInfo]:
+    """The index pass over every rank's files, before anything is built; rank 0 prints every rank's lines.
+
+    Raises:
+        ValueError: (or BadFileError) on every rank when some rank's shard has a bad file (in ``error``
+            mode, one line per bad file) or no usable one, so no rank goes on alone.
+    """
+    notes: List[str] = []
+    files, problem = None, None
+    try:
+        files = index_data(
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+            crop_size=crop_size,
+            skip_edge_slices=args.skip_edge_slices,
+            on_bad_file=args.on_bad_file,
+            report=notes.append,
+        )
+    except ValueError as err:  # BadFileError is a ValueError
+        problem = str(err)
+    gathered = dist_util.all_gather_object((notes, problem))
+    if dist_util.is_main_process():
+        for rank_notes, _ in gathered:
+            for line in rank_notes:
+                print(line, file=sys.stderr, flush=True)
+    problems = [p for _, p in gathered if p is not None]
+    if problems:
+        raise BadFileError("\n".join(problems))
+    return files
 
 
 def parse_crop_size(value: str) -> Optional[Union[int, Tuple[int, int]]]:
@@ -153,14 +201,28 @@ def main() -> None:
     args = create_argparser().parse_args()
     if not args.data_dir:
         raise SystemExit("error: --data_dir is required (a folder of fastMRI-format .h5 files)")
-    crop_size = parse_crop_size(args.crop_size)
-
-    dist_util.setup_dist()
+    try:
+        crop_size = parse_crop_size(args.crop_size)
+        dist_util.setup_dist()
+    except (ValueError, dist_util.LauncherError) as err:
+        print_error(err)
+        raise SystemExit(2) from None
     rank = dist_util.get_rank()
+    # The index pass comes first: a bad file stops the run before a model is built or a log dir written.
+    try:
+        files = index_training_files(args, crop_size)
+    except ValueError as err:
+        print_error(err)
+        dist_util.cleanup_dist()
+        raise SystemExit(2) from None
+
     log_dir = choose_log_dir(args.log_dir)
     logger.log(
         f"launcher: {dist_util.launcher()}, world size {dist_util.get_world_size()}, device {dist_util.dev()}"
     )
+    for note in upstream_flag_notes(args, UPSTREAM_TRAIN_FLAGS):
+        logger.log(note)
+    logger.log(f"data: {len(files)} files, {sum(f.num_slices for f in files)} slices on this rank")
 
     model_config = args_to_dict(args, model_and_diffusion_defaults().keys())
     if dist_util.is_main_process():
@@ -182,7 +244,7 @@ def main() -> None:
     logger.log("creating data loader...")
     start = resume_step(args.resume_checkpoint, [float(r) for r in str(args.ema_rate).split(",") if r])
     data = load_data(
-        data_dir=args.data_dir,
+        files=files,
         batch_size=args.batch_size,
         crop_size=crop_size,
         deterministic=args.deterministic,
@@ -191,6 +253,7 @@ def main() -> None:
         on_bad_file=args.on_bad_file,
         # A resumed run shuffles differently from the run it continues instead of replaying its first batches.
         seed=args.seed + start,
+        report=lambda line: print(line, file=sys.stderr, flush=True),
     )
     report = os.environ.get(RANK_REPORT_ENV) == "1"
     seen_files: set = set()
@@ -226,6 +289,19 @@ def main() -> None:
         logger.log(f"error: {err}")
         dist_util.cleanup_dist()
         raise SystemExit(f"error: {err}") from None
+    except CheckpointSaveError as err:  # e.g. a full disk; the incomplete set is already removed
+        logger.log(f"error: {err}")
+        print_error(err)
+        raise SystemExit(2) from None
+    except BadFileError as err:  # a slice found bad while reading (NaN/inf, all zero, unreadable chunk)
+        logger.log(f"error: {err}")
+        if dist_util.get_world_size() == 1 and 0 < loop.step != loop.last_saved_step:
+            try:
+                loop.save()  # the bad batch never reached the model; keep the steps done so far
+            except CheckpointSaveError as save_err:
+                print_error(save_err)
+        print(f"error: {err} (--on_bad_file skip leaves such files out)", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
     # Free DDP's reducer (and its pending gloo work) before the process group goes: a gloo group torn down
     # while DDP still holds work can abort the interpreter at exit ("terminate called without an active

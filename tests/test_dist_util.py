@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -64,6 +65,50 @@ def test_plain_process_needs_no_mpi_and_no_group():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def _no_mpi(monkeypatch, env, mpi4py_module):
+    """An MPI launcher's environment ``env``, ``mpi4py_module`` in place of mpi4py (None: not installed)."""
+    for var in LAUNCH_VARS + ("MV2_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setitem(sys.modules, "mpi4py", mpi4py_module)
+    monkeypatch.setattr(dist_util, "_launcher", "none")  # restored after the test
+
+
+def _mpi4py_without_libmpi():
+    module = types.ModuleType("mpi4py")
+
+    def __getattr__(name):  # what mpi4py 4 does on `from mpi4py import MPI` when no libmpi loads
+        raise RuntimeError("cannot load MPI library\nlibmpi.so: cannot open shared object file")
+
+    module.__getattr__ = __getattr__
+    return module
+
+
+@pytest.mark.parametrize("mpi4py_module", [None, "no_libmpi"])
+def test_mpi_singleton_without_mpi4py_runs_plain(monkeypatch, mpi4py_module):
+    module = _mpi4py_without_libmpi() if mpi4py_module == "no_libmpi" else None
+    _no_mpi(monkeypatch, {"PMI_RANK": "0", "PMI_SIZE": "1"}, module)
+    dist_util.setup_dist()
+    assert dist_util.launcher() == "mpi"
+    assert not dist_util.is_initialized() and dist_util.get_world_size() == 1
+
+
+@pytest.mark.parametrize(
+    "mpi4py_module, problem",
+    [(None, "mpi4py is not installed"), ("no_libmpi", "mpi4py cannot load an MPI library")],
+)
+@pytest.mark.parametrize("env", [{"PMI_RANK": "1", "PMI_SIZE": "2"}, {"PMIX_RANK": "0"}])
+def test_mpi_world_without_mpi4py_says_what_to_install(monkeypatch, mpi4py_module, problem, env):
+    module = _mpi4py_without_libmpi() if mpi4py_module == "no_libmpi" else None
+    _no_mpi(monkeypatch, env, module)
+    with pytest.raises(dist_util.LauncherError) as info:
+        dist_util.setup_dist()
+    message = str(info.value)
+    assert "\n" not in message and problem in message and ".[mpi]" in message and "torchrun" in message
+    assert not dist_util.is_initialized()
 
 
 def test_single_process_helpers(tmp_path):

@@ -10,9 +10,12 @@ import torch
 
 from improved_diffusion.fastmri_data import (
     BadFileError,
+    FastMRISliceDataset,
     check_file,
+    index_data,
     load_data,
     scale_from_kspace,
+    slice_problem,
     slice_to_image,
 )
 from improved_diffusion.mri.fftc import center_crop, channels_to_complex, fft2c, ifft2c
@@ -206,7 +209,11 @@ def test_every_bad_file_gives_one_clear_line(tmp_path):
         msg = str(info.value)
         assert msg.startswith(str(tmp_path / name) + ":") and fragment in msg and "\n" not in msg, msg
     assert check_file(str(tmp_path / "good.h5")).num_slices == 4
-    # Error mode: the first bad file (sorted) stops load_data with its own message.
+    # Error mode: the index pass checks every file, then lists each bad one on its own line (sorted).
+    with pytest.raises(BadFileError) as info:
+        index_data(data_dir=str(tmp_path), shard=0, num_shards=1)
+    lines = str(info.value).splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(tmp_path / n) for n in sorted(cases)]
     with pytest.raises(BadFileError, match="corrupt.h5"):
         next(load_data(data_dir=str(tmp_path), batch_size=1, shard=0, num_shards=1))
 
@@ -220,6 +227,125 @@ def test_skip_mode_skips_and_reports(tmp_path):
     assert names == {"good.h5"}
     text = "\n".join(str(w.message) for w in caught)
     assert all(name in text for name in cases) and f"skipped {len(cases)} of {len(cases) + 1}" in text
+
+
+def test_skip_mode_report_callback(tmp_path):
+    cases = _bad_files(tmp_path)
+    lines = []
+    infos = index_data(data_dir=str(tmp_path), on_bad_file="skip", shard=0, num_shards=1, report=lines.append)
+    assert [i.path for i in infos] == [str(tmp_path / "good.h5")]
+    assert len(lines) == len(cases) + 1 and all(line.startswith("skipping bad file ") for line in lines[:-1])
+    assert lines[-1] == f"skipped {len(cases)} of {len(cases) + 1} files as bad (on_bad_file='skip')"
+
+
+def _bad_values(d):
+    """Files whose keys and shapes are fine but whose values are not: (name, bad slice, message fragment)."""
+    cases = []
+    for name, slice_idx, fragment, coils in (
+        ("nan_kspace.h5", 2, "'kspace' holds 3 NaN or inf values", 0),
+        ("inf_maps.h5", 1, "'sens_maps' holds 1 NaN or inf values", 2),
+        ("zero_kspace.h5", 3, "'kspace' is all zero", 0),
+    ):
+        path = write_file(d / name, coils=coils)
+        with h5py.File(path, "r+") as f:
+            if name == "nan_kspace.h5":
+                f["kspace"][slice_idx, 0, :3] = np.nan
+            elif name == "inf_maps.h5":
+                f["sens_maps"][slice_idx, 1, 4, 4] = np.inf + 0j
+            else:
+                f["kspace"][slice_idx] = 0
+        cases.append((name, slice_idx, fragment))
+    return cases
+
+
+def test_slice_problem():
+    k = torch.ones(2, 4, 4, dtype=torch.complex64)
+    assert slice_problem(k) is None and slice_problem(k, k) is None
+    assert slice_problem(torch.zeros(4, 4, dtype=torch.complex64)) == "'kspace' is all zero"
+    bad = k.clone()
+    bad[0, 0, 0] = complex(0, float("nan"))
+    bad[1, 2, 2] = complex(float("inf"), 0)
+    assert slice_problem(bad) == "'kspace' holds 2 NaN or inf values"
+    assert slice_problem(k, bad) == "'sens_maps' holds 2 NaN or inf values"
+
+
+def test_bad_values_are_found_when_the_slice_is_read(tmp_path):
+    cases = _bad_values(tmp_path)
+    infos = index_data(data_dir=str(tmp_path), shard=0, num_shards=1)  # metadata only: all pass
+    assert len(infos) == 3
+    dataset = FastMRISliceDataset(infos)
+    for name, slice_idx, fragment in cases:
+        index = dataset.items.index((str(tmp_path / name), slice_idx, name == "inf_maps.h5"))
+        with pytest.raises(BadFileError) as info:
+            dataset[index]
+        assert str(info.value) == f"{tmp_path / name}: slice {slice_idx}: {fragment}"
+        dataset[index - 1]  # the file's other slices are fine
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_bad_values_error_mode_stops_with_one_line(tmp_path, num_workers):
+    write_file(tmp_path / "nan.h5", slices=2)
+    with h5py.File(tmp_path / "nan.h5", "r+") as f:
+        f["kspace"][1, 5, 5] = np.nan
+    gen = load_data(
+        data_dir=str(tmp_path),
+        batch_size=1,
+        deterministic=True,
+        num_workers=num_workers,
+        shard=0,
+        num_shards=1,
+    )
+    next(gen)
+    with pytest.raises(BadFileError) as info:
+        next(gen)
+    # Also from a worker process: the original line, not torch's re-raised traceback.
+    assert str(info.value) == f"{tmp_path / 'nan.h5'}: slice 1: 'kspace' holds 1 NaN or inf values"
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_values_skip_mode_leaves_the_file_out_and_reports_once(tmp_path, num_workers):
+    write_file(tmp_path / "good.h5", slices=3)
+    cases = _bad_values(tmp_path)
+    lines = []
+    gen = load_data(
+        data_dir=str(tmp_path),
+        batch_size=2,
+        on_bad_file="skip",
+        num_workers=num_workers,
+        shard=0,
+        num_shards=1,
+        report=lines.append,
+    )
+    batches, known_bad, used_after_report = [], set(), []
+    for _ in range(12):  # 2 epochs and more
+        x, kw = next(gen)
+        used_after_report += [f for f in kw["fname"] if f in known_bad]
+        known_bad |= {os.path.basename(line.split(":")[0]) for line in lines}
+        batches.append((x, kw))
+    assert all(x.shape[0] == 2 and torch.isfinite(x).all() for x, _ in batches)
+    assert all("bad" not in kw for _, kw in batches)
+    reported = [line for line in lines if line.startswith("skipping bad file")]
+    assert sorted(line.split(":")[0][len("skipping bad file ") :] for line in reported) == sorted(
+        str(tmp_path / name) for name, _, _ in cases
+    )
+    for name, slice_idx, fragment in cases:
+        assert any(f"{name}: slice {slice_idx}: {fragment}" in line for line in reported), name
+    if num_workers == 0:
+        # Good slices of a bad file read before its bad slice was found may have been used; none after it
+        # (each worker process keeps its own list of bad files).
+        assert not used_after_report
+
+
+def test_skip_mode_every_file_bad_at_read_time(tmp_path):
+    _bad_values(tmp_path)
+    for name in ("nan_kspace.h5", "inf_maps.h5", "zero_kspace.h5"):
+        with h5py.File(tmp_path / name, "r+") as f:
+            f["kspace"][...] = 0
+    gen = load_data(
+        data_dir=str(tmp_path), batch_size=1, on_bad_file="skip", shard=0, num_shards=1, report=print
+    )
+    with pytest.raises(BadFileError, match="every file of this shard is bad"):
+        next(gen)
 
 
 def test_argument_errors(tmp_path):

@@ -38,6 +38,89 @@ def test_space_timesteps_sections():
     assert len([s for s in mixed if s < 100]) == 10 and len([s for s in mixed if s >= 200]) == 20
 
 
+def _upstream_rule(num_timesteps, counts):
+    """Upstream improved-diffusion's documented respacing rule, written out independently.
+
+    Equal sections (the first ``num_timesteps % len(counts)`` one step longer); in a section of ``size``
+    steps, a float position starts at 0 and grows by ``(size - 1) / (count - 1)`` (1 for a count of 1)
+    after each kept step; each position is rounded with Python's round (half to even).
+    """
+    size_per, extra = num_timesteps // len(counts), num_timesteps % len(counts)
+    steps, start = set(), 0
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        stride = (size - 1) / (count - 1) if count > 1 else 1
+        position = 0.0
+        for _ in range(count):
+            steps.add(start + round(position))
+            position = position + stride
+        start += size
+    return steps
+
+
+def _upstream_ddim(num_timesteps, n):
+    """Upstream's "ddimN": the smallest integer stride in [1, T) giving exactly N steps (None: no stride)."""
+    for stride in range(1, num_timesteps):
+        if len(range(0, num_timesteps, stride)) == n:
+            return set(range(0, num_timesteps, stride))
+    return None
+
+
+@pytest.mark.parametrize(
+    "num_timesteps, spec, kept, dropped",
+    [
+        # 10 additions of 999 / 20 = 49.95 give 499.49999999999994 -> 499; 10 * 49.95 = 499.5 would give 500.
+        (1000, "21", 499, 500),
+        (1000, "23", 499, 500),  # 11 * 999 / 22 = 499.5
+        (100, "15", 49, 50),  # 7 * 99 / 14 = 49.5
+    ],
+)
+def test_space_timesteps_upstream_ties(num_timesteps, spec, kept, dropped):
+    steps = space_timesteps(num_timesteps, spec)
+    assert kept in steps and dropped not in steps
+    assert len(steps) == int(spec)
+
+
+@pytest.mark.parametrize("num_timesteps", [1000, 4000, 100, 7])
+def test_space_timesteps_every_count_matches_upstream_rule(num_timesteps):
+    mismatched = [
+        c
+        for c in range(1, num_timesteps + 1)
+        if space_timesteps(num_timesteps, str(c)) != _upstream_rule(num_timesteps, [c])
+    ]
+    assert not mismatched, f"{len(mismatched)} section counts differ from upstream, e.g. {mismatched[:5]}"
+
+
+@pytest.mark.parametrize(
+    "num_timesteps, counts",
+    [
+        (300, [10, 15, 20]),
+        (1000, [21, 23, 31]),
+        (1001, [7, 300, 2]),
+        (4000, [250, 31, 35, 1]),
+        (7, [3, 2, 1]),
+    ],
+)
+def test_space_timesteps_sections_match_upstream_rule(num_timesteps, counts):
+    expected = _upstream_rule(num_timesteps, counts)
+    assert space_timesteps(num_timesteps, ",".join(map(str, counts))) == expected
+    assert space_timesteps(num_timesteps, counts) == expected
+
+
+@pytest.mark.parametrize("num_timesteps", [1000, 100, 7])
+def test_space_timesteps_ddim_matches_upstream_rule(num_timesteps):
+    for n in range(2, num_timesteps + 1):
+        expected = _upstream_ddim(num_timesteps, n)
+        if expected is None:
+            with pytest.raises(ValueError, match="stride"):
+                space_timesteps(num_timesteps, f"ddim{n}")
+        else:
+            assert space_timesteps(num_timesteps, f"ddim{n}") == expected, n
+    # Upstream tries strides up to T - 1 only and so refuses "ddim1"; here stride T keeps step 0 alone.
+    assert _upstream_ddim(num_timesteps, 1) is None
+    assert space_timesteps(num_timesteps, "ddim1") == {0}
+
+
 def test_space_timesteps_ddim():
     assert space_timesteps(1000, "ddim50") == set(range(0, 1000, 20))
     assert space_timesteps(1000, "ddim25") == set(range(0, 1000, 40))

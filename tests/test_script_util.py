@@ -10,7 +10,9 @@ import torch
 from improved_diffusion import gaussian_diffusion as gd
 from improved_diffusion.respace import SpacedDiffusion
 from improved_diffusion.script_util import (
+    UPSTREAM_TRAIN_FLAGS,
     add_dict_to_argparser,
+    add_upstream_flags,
     args_to_dict,
     create_model,
     create_model_and_diffusion,
@@ -19,6 +21,7 @@ from improved_diffusion.script_util import (
     model_and_diffusion_defaults,
     save_config,
     str2bool,
+    upstream_flag_notes,
 )
 from improved_diffusion.unet import UNetModel
 
@@ -160,6 +163,19 @@ def test_argparser_round_trip():
         assert str2bool(text) is value
     with pytest.raises(argparse.ArgumentTypeError):
         str2bool("maybe")
+
+
+def test_upstream_flags_are_accepted_with_a_note():
+    parser = argparse.ArgumentParser()
+    add_upstream_flags(parser, {**UPSTREAM_TRAIN_FLAGS, "old_switch": (True, "it does nothing here")})
+    assert upstream_flag_notes(parser.parse_args([]), UPSTREAM_TRAIN_FLAGS) == []  # not given: no note
+    args = parser.parse_args(["--fp16_scale_growth", "2e-3", "--old_switch", "False"])
+    assert args.fp16_scale_growth == 2e-3 and args.old_switch is False
+    notes = upstream_flag_notes(args, {**UPSTREAM_TRAIN_FLAGS, "old_switch": (True, "it does nothing here")})
+    assert notes[0].startswith("note: --fp16_scale_growth is ignored: the loss scale is handled by ")
+    assert "torch.amp.GradScaler" in notes[0] and "\n" not in notes[0]
+    assert notes[1] == "note: --old_switch is ignored: it does nothing here"
+    assert upstream_flag_notes(vars(args), UPSTREAM_TRAIN_FLAGS) == notes[:1]
 
 
 def test_save_and_load_config(tmp_path):

@@ -1,6 +1,7 @@
 """TrainLoop: exact resume, atomic checkpoints, NaN handling, SIGTERM, logging, precision, config.json."""
 
 import csv
+import errno
 import glob
 import json
 import os
@@ -153,6 +154,16 @@ def test_logged_keys(tmp_path):
     assert quartiles and set(quartiles) <= {"loss_q0", "loss_q1", "loss_q2", "loss_q3"}
 
 
+def test_loss_scale_logged_as_upstream_lg_loss_scale(tmp_path):
+    loop = make_loop(tmp_path, fixed_batches(1), max_steps=1)
+    # fp16 needs CUDA; a CPU GradScaler exercises the same logging path.
+    loop.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    logger.configure(str(tmp_path), format_strs=["csv"])
+    loop.run_loop()
+    row = read_progress(tmp_path)[-1]
+    assert float(row["loss_scale"]) == 1024.0 and float(row["lg_loss_scale"]) == 10.0
+
+
 def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     loop = make_loop(tmp_path, fixed_batches(2), max_steps=1, save_interval=1)
     loop.run_loop()
@@ -179,6 +190,10 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     torch.load(ckpt.opt, weights_only=True)
 
 
+class Killed(BaseException):
+    """Stands for the process being killed: no ``except Exception`` clean-up runs."""
+
+
 def test_crash_before_opt_file_leaves_incomplete_set_ignored(tmp_path, monkeypatch):
     loop = make_loop(tmp_path, fixed_batches(2), max_steps=1, save_interval=1)
     loop.run_loop()
@@ -186,12 +201,12 @@ def test_crash_before_opt_file_leaves_incomplete_set_ignored(tmp_path, monkeypat
 
     def fail_on_opt(src, dst):
         if os.path.basename(dst).startswith("opt"):
-            raise OSError("killed before the opt file (simulated)")
+            raise Killed("killed before the opt file (simulated)")
         real_replace(src, dst)
 
     loop.max_steps = 2
     monkeypatch.setattr(train_util.os, "replace", fail_on_opt)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(Killed, match="simulated"):
         loop.run_loop()
     monkeypatch.setattr(train_util.os, "replace", real_replace)
     names = os.listdir(tmp_path)
@@ -200,6 +215,64 @@ def test_crash_before_opt_file_leaves_incomplete_set_ignored(tmp_path, monkeypat
     assert [s.step for s in list_complete_checkpoints(str(tmp_path))] == [1]
     resumed = make_loop(tmp_path, fixed_batches(1), resume_checkpoint=str(tmp_path))
     assert resumed.step == 1
+
+
+def test_full_disk_while_saving_removes_the_incomplete_set(tmp_path, monkeypatch):
+    loop = make_loop(tmp_path, fixed_batches(3), max_steps=1, save_interval=1)
+    loop.run_loop()
+    before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path) if n.endswith(".pt")}
+    real_save = torch.save
+    calls = []
+
+    def full_on_second_file(obj, f, *args, **kwargs):
+        calls.append(getattr(f, "name", f))
+        if len(calls) == 2:  # model file written; the disk fills up during the first EMA file
+            f.write(b"some bytes before the disk filled up")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    loop.max_steps = 2
+    monkeypatch.setattr(torch, "save", full_on_second_file)
+    with pytest.raises(train_util.CheckpointSaveError) as info:
+        loop.run_loop()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert len(calls) == 2
+
+    message = str(info.value)
+    ema_path = os.path.join(str(tmp_path), "ema_0.9_000002.pt")
+    assert "\n" not in message and message.startswith(f"cannot write checkpoint {ema_path}: ")
+    assert "no space left on the device" in message and "removed the incomplete set 000002" in message
+    assert f"newest complete set is 000001 ({tmp_path / 'model000001.pt'})" in message
+    assert f"--resume_checkpoint {tmp_path}" in message
+    assert isinstance(info.value, OSError)
+    # Nothing of step 2 is left (the complete model file included), no temp file; step 1 is untouched.
+    names = os.listdir(tmp_path)
+    assert not [n for n in names if "000002" in n or n.endswith(".tmp")], names
+    assert {n: (tmp_path / n).read_bytes() for n in names if n.endswith(".pt")} == before
+    ckpt = find_resume_checkpoint(str(tmp_path), [0.9, 0.99])
+    assert ckpt.step == 1 and sorted(ckpt.ema) == [0.9, 0.99]
+    resumed = make_loop(tmp_path, fixed_batches(1), resume_checkpoint=str(tmp_path), max_steps=2)
+    assert resumed.step == 1
+    resumed.run_loop()
+    assert [s.step for s in list_complete_checkpoints(str(tmp_path))] == [1, 2]
+
+
+def test_other_save_errors_also_remove_the_incomplete_set(tmp_path, monkeypatch):
+    loop = make_loop(tmp_path, fixed_batches(2), max_steps=1, save_interval=1)
+    real_replace = os.replace
+
+    def fail_on_opt(src, dst):
+        if os.path.basename(dst).startswith("opt"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(train_util.os, "replace", fail_on_opt)
+    with pytest.raises(train_util.CheckpointSaveError) as info:
+        loop.run_loop()
+    message = str(info.value)
+    assert message.startswith(f"cannot write checkpoint {tmp_path / 'opt000001.pt'}: PermissionError: ")
+    assert "no complete set" in message and "Fix that" in message
+    assert not [n for n in os.listdir(tmp_path) if n.endswith((".pt", ".tmp"))]
 
 
 def test_find_resume_checkpoint(tmp_path):
