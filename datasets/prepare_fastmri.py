@@ -10,7 +10,7 @@ ranks, or ``--workers N`` processes; a summary (with every bad file and why) end
 status is 1 if any file was bad.
 
     python datasets/prepare_fastmri.py --input_dir multicoil_train --output_dir multicoil_train_maps
-    mpiexec -n 4 python datasets/prepare_fastmri.py --input_dir ... --output_dir ... --device 0
+    mpiexec -n 4 python datasets/prepare_fastmri.py --input_dir ... --output_dir ... --device cuda:0
 """
 
 import argparse
@@ -32,20 +32,12 @@ except ImportError:  # run from a checkout without `pip install -e .`
     from improved_diffusion.mri.espirit import estimate_sens_maps
 
 MAPS_KEY = "sens_maps"
-ESPIRIT_DEFAULTS = dict(calib_width=24, thresh=0.02, kernel_width=6, crop=0.95, max_iter=100)
+# Fully sampled training data: a 48 x 48 calibration square is plenty, and the whole k-space would make
+# ESPIRiT's calibration matrix needlessly large.
+ESPIRIT_DEFAULTS = dict(max_calib=48, thresh=0.02, kernel_width=6, crop=0.95)
 _MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
 
 Result = Tuple[str, str, str]  # (input path, status, detail)
-
-
-def default_device() -> int:
-    """sigpy device: GPU 0 when cupy sees a GPU, else -1 (CPU)."""
-    try:
-        import cupy
-
-        return 0 if cupy.cuda.runtime.getDeviceCount() > 0 else -1
-    except Exception:  # cupy missing or no driver: CPU
-        return -1
 
 
 def add_sens_maps(
@@ -160,6 +152,14 @@ def _summary(results: List[Result]) -> str:
     return "\n".join(lines)
 
 
+def _one_thread() -> None:
+    """Worker processes compute single-threaded: an OpenMP pool inherited through fork can hang torch, and
+    the workers already use the cores."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _run_one(job: Tuple[str, str, Dict, str, Optional[str]]) -> Result:
     src, dst, kwargs, single_coil, compression = job
     return prepare_file(src, dst, kwargs, single_coil, compression=compression)
@@ -200,7 +200,7 @@ def run(
             )
             bar.update()
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_one_thread) as pool:
             for result in pool.map(_run_one, jobs):
                 results.append(result)
                 bar.update()
@@ -212,12 +212,24 @@ def create_argparser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input_dir", required=True, help="folder of fastMRI .h5 files (searched recursively)")
     p.add_argument("--output_dir", required=True, help="where the files with sens_maps go (same names)")
-    p.add_argument("--calib_width", type=int, default=ESPIRIT_DEFAULTS["calib_width"])
-    p.add_argument("--thresh", type=float, default=ESPIRIT_DEFAULTS["thresh"])
-    p.add_argument("--kernel_width", type=int, default=ESPIRIT_DEFAULTS["kernel_width"])
-    p.add_argument("--crop", type=float, default=ESPIRIT_DEFAULTS["crop"])
-    p.add_argument("--max_iter", type=int, default=ESPIRIT_DEFAULTS["max_iter"])
-    p.add_argument("--device", type=int, default=None, help="sigpy device: -1 CPU, k GPU k (default: auto)")
+    p.add_argument(
+        "--max_calib",
+        type=int,
+        default=ESPIRIT_DEFAULTS["max_calib"],
+        help="cap on each side of the ESPIRiT calibration rectangle (0: the whole fully sampled centre)",
+    )
+    p.add_argument(
+        "--thresh", type=float, default=ESPIRIT_DEFAULTS["thresh"], help="relative singular-value threshold"
+    )
+    p.add_argument(
+        "--kernel_width", type=int, default=ESPIRIT_DEFAULTS["kernel_width"], help="ESPIRiT kernel"
+    )
+    p.add_argument(
+        "--crop", type=float, default=ESPIRIT_DEFAULTS["crop"], help="eigenvalue threshold of the maps"
+    )
+    p.add_argument(
+        "--device", default=None, help="torch device for ESPIRiT, e.g. cuda:0 (default: cuda if seen)"
+    )
     p.add_argument("--workers", type=int, default=1, help="processes per rank")
     p.add_argument("--single_coil", choices=("copy", "link", "skip"), default="copy")
     p.add_argument("--compression", choices=("none", "gzip", "lzf"), default="none", help="for sens_maps")
@@ -227,13 +239,14 @@ def create_argparser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = create_argparser().parse_args(argv)
-    device = default_device() if args.device is None else args.device
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = dict(
-        calib_width=args.calib_width,
+        max_calib=args.max_calib,
         thresh=args.thresh,
         kernel_width=args.kernel_width,
         crop=args.crop,
-        max_iter=args.max_iter,
         device=device,
     )
     rank, size, comm = _rank_and_size()

@@ -257,23 +257,24 @@ def final_data_consistency(
     """
     target = op.noise_residual
     start = op.residual_norm(x).double().cpu()
-    if target == 0:
-        lam = torch.zeros_like(start)
-        return prox_data(x, op, lam, tol, max_iters), lam
     if op.single_coil:
         ratio = (target / start.clamp_min(1e-300)).clamp(max=1.0)
         lam = torch.where(ratio < 1, ratio / (1 - ratio), torch.full_like(ratio, float("inf")))
         return prox_data(x, op, lam), lam
     fits = start <= target
-    if bool(fits.all()):
+    if target > 0 and bool(fits.all()):
         return x, torch.full_like(start, float("inf"))
     op64 = MeasurementOperator(
         op.y.to(torch.complex128), op.mask.double(), op.maps.to(torch.complex128), sigma=op.sigma
     )
+    if target == 0:
+        lam = torch.zeros_like(start)
+        return prox_data(x.to(torch.complex128), op64, lam, tol, max_iters).to(x.dtype), lam
     x64 = x.to(torch.complex128)
     lo = torch.full_like(start, -6.0)  # log10 λ: residual below target at lo, above at hi
     hi = torch.full_like(start, 4.0)
     best = x64
+    found = torch.zeros_like(fits)
     for _ in range(steps):
         mid = (lo + hi) / 2
         sol = prox_data(x64, op64, 10.0**mid, tol, max_iters)
@@ -282,6 +283,10 @@ def final_data_consistency(
         lo = torch.where(above, lo, mid)
         keep = (~above).to(sol.device).reshape(-1, 1, 1)  # the fit at or below the noise level so far
         best = torch.where(keep, sol, best)
+        found = found | ~above
+    if not bool((found | fits).all()):  # maps that cannot reach the noise level: the closest fit
+        sol = prox_data(x64, op64, 10.0**lo, tol, max_iters)
+        best = torch.where((found | fits).to(sol.device).reshape(-1, 1, 1), best, sol)
     lam = 10.0**lo
     lam = torch.where(fits, torch.full_like(lam, float("inf")), lam)
     best = torch.where(fits.to(best.device).reshape(-1, 1, 1), x64, best)

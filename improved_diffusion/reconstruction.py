@@ -207,7 +207,8 @@ def reconstruct_slice(
             fully sampled centre of the prewhitened data) when None.
         options: :class:`ReconOptions` (defaults when None).
         scale: intensity scale; ``fastmri_data.scale_from_kspace`` of the measured k-space when None.
-        noise_std: complex noise std of a k-space sample, overriding ``noise_scan`` and the estimate.
+        noise_std: complex noise std of a k-space sample, overriding ``noise_scan`` and the estimate (0:
+            noiseless data).
         noise_scan: ``(N, C)`` noise samples of the coils, or None (then the noise is estimated).
 
     Returns:

@@ -23,7 +23,7 @@ prepare = importlib.util.module_from_spec(spec)
 sys.modules["prepare_fastmri"] = prepare  # so worker processes can unpickle its functions
 spec.loader.exec_module(prepare)
 
-FAST = dict(calib_width=12, kernel_width=4, max_iter=30)
+FAST = dict(max_calib=12, kernel_width=4)
 
 
 def _write_inputs(d, n=32, coils=4):
@@ -69,7 +69,7 @@ def test_cli_workers_single_coil_skip_and_errors(tmp_path, capsys):
     src, out = tmp_path / "in", tmp_path / "out"
     _write_inputs(src)
     os.remove(src / "broken.h5")
-    argv = ["--input_dir", str(src), "--output_dir", str(out), "--calib_width", "12", "--kernel_width", "4"]
+    argv = ["--input_dir", str(src), "--output_dir", str(out), "--max_calib", "12", "--kernel_width", "4"]
     flags = [
         "--workers",
         "2",
@@ -77,7 +77,7 @@ def test_cli_workers_single_coil_skip_and_errors(tmp_path, capsys):
         "skip",
         "--no_progress",
         "--device",
-        "-1",
+        "cpu",
         "--compression",
         "gzip",
     ]
@@ -85,7 +85,7 @@ def test_cli_workers_single_coil_skip_and_errors(tmp_path, capsys):
     assert "1 prepared, 1 skipped" in capsys.readouterr().out
     assert (out / "multi.h5").exists() and not (out / "sub" / "single.h5").exists()
     with h5py.File(out / "multi.h5") as f:
-        assert f["sens_maps"].attrs["calib_width"] == 12 and f["sens_maps"].compression == "gzip"
+        assert f["sens_maps"].attrs["max_calib"] == 12 and f["sens_maps"].compression == "gzip"
     assert prepare.main(["--input_dir", str(src), "--output_dir", str(src)]) == 2
     assert "must differ" in capsys.readouterr().err
 
@@ -109,7 +109,7 @@ def test_mpi_ranks_share_the_files(tmp_path):
     _write_inputs(src)
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
     cmd = [mpiexec, "-n", "2", sys.executable, SCRIPT, "--input_dir", str(src), "--output_dir", str(out)]
-    cmd += ["--calib_width", "12", "--kernel_width", "4", "--no_progress"]
+    cmd += ["--max_calib", "12", "--kernel_width", "4", "--no_progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 1, proc.stderr  # broken.h5 is bad
     assert "1 bad, 1 copied, 1 prepared" in proc.stdout and proc.stdout.count("prepare_fastmri:") == 1

@@ -90,7 +90,8 @@ def calibration_misfit(
     The image that best explains the calibration rectangle alone, ``argmin_x ||M_cal F(S x) - y_cal||^2``
     (conjugate gradients from 0), leaves a residual; white noise of std ``sigma`` alone would leave about
     ``sigma^2 (C - 1)`` per calibration position (one of the C coil values per position is fitted). The
-    ratio is about 1 for maps that explain the data and grows with the signal they cannot explain.
+    ratio is about 1 for maps that explain the data and grows with the signal they cannot explain (NaN
+    for noiseless data, ``sigma = 0``).
     """
     c, h, w = kspace.shape
     top, bottom, left, right = calibration_region(sampled)
@@ -103,7 +104,7 @@ def calibration_misfit(
     x = conjugate_gradient(lambda v: sense_normal(v, s, region), rhs, torch.zeros_like(rhs), iters, tol=1e-4)
     misfit = float((sense_forward(x, s, region) - y).abs().pow(2).sum())
     expected = sigma**2 * (c - 1) * float(region.sum())
-    return misfit / max(expected, np.finfo(np.float64).tiny)
+    return misfit / expected if expected > 0 else float("nan")
 
 
 def prepare_slice(
@@ -123,7 +124,8 @@ def prepare_slice(
         mask: sampling mask broadcastable to ``(H, W)``.
         maps: stored sensitivity maps ``(C, H, W)`` of the (unwhitened) coils, or None to estimate them.
         noise_scan: ``(N, C)`` complex noise samples, or None.
-        noise_std: complex noise std overriding the noise scan and the estimate (None or <= 0: not given).
+        noise_std: complex noise std overriding the noise scan and the estimate (0: noiseless data;
+            None: not given).
         warn_misfit: warn (:class:`MapsWarning`) when the maps do not explain the calibration data.
         estimate_maps: ``(whitened k-space (C, H, W), sampled (H, W)) -> maps`` instead of this package's
             ESPIRiT (e.g. ``mri.bart.ecalib``); the noise estimate is then not refined by the maps.
@@ -158,7 +160,7 @@ def prepare_slice(
         # through the maps explains, and it is often tighter: move to it (and to the maps its threshold
         # gives) while it keeps falling.
         for _ in range(SIGMA_REFINEMENTS if noise.source == "data" else 0):
-            if misfit > 0.95:
+            if not misfit <= 0.95:
                 break
             sigma *= float(np.sqrt(misfit))
             maps = estimate_sens_maps(kspace, mask=sampled, noise_std=sigma)

@@ -139,8 +139,9 @@ def _normalize(maps: np.ndarray) -> np.ndarray:
 
 
 def _kernel_side(size: int, kernel_width: int) -> int:
-    """Kernel side along one axis: at most ``kernel_width``, leaving at least 3 shifts when possible."""
-    return max(1, min(kernel_width, size - 2))
+    """Kernel side along an axis of the calibration region: at most ``kernel_width`` and half the region
+    (so the patches shift along it), but 3 where the region allows, the smallest useful kernel."""
+    return min(kernel_width, max(size // 2, min(MIN_KERNEL_WIDTH, size)))
 
 
 def _kernel_gram(kernels: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
@@ -276,6 +277,13 @@ def estimate_sens_maps(
             stacklevel=2,
         )
         return _normalize(fallback)
+    if min(kernel) < kernel_width and max(rows, cols) < 2 * kernel_width:
+        warnings.warn(
+            f"calibration region {region} is small for kernel_width {kernel_width}; using kernel "
+            f"{kernel[0]}x{kernel[1]}",
+            CalibrationWarning,
+            stacklevel=2,
+        )
     calib = torch.from_numpy(kspace[:, ch - ext[0] : ch + ext[1] + 1, cw - ext[2] : cw + ext[3] + 1])
     maps, _ = espirit_maps(calib.to(device or "cpu"), (h, w), kernel, thresh, crop, noise_std)
     maps = maps.cpu().numpy()

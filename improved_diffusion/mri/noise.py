@@ -57,8 +57,11 @@ class NoiseModel:
         return float(np.sqrt(np.real(np.trace(self.covariance)) / self.covariance.shape[0]))
 
     def whitening(self) -> np.ndarray:
-        """``(C, C)`` matrix ``W = sigma L^{-1}`` with ``Psi = L L^H``: ``W Psi W^H = sigma^2 I``."""
+        """``(C, C)`` matrix ``W = sigma L^{-1}`` with ``Psi = L L^H``: ``W Psi W^H = sigma^2 I``
+        (the identity for noiseless data)."""
         psi = np.asarray(self.covariance, dtype=np.complex128)
+        if self.sigma == 0:
+            return np.eye(len(psi), dtype=np.complex128)
         # A tiny ridge keeps the Cholesky factor defined for a (numerically) singular estimate.
         ridge = 1e-9 * np.real(np.trace(psi)) / len(psi)
         lower = np.linalg.cholesky(psi + ridge * np.eye(len(psi)))
@@ -150,11 +153,11 @@ def noise_model(
         kspace: ``(C, H, W)`` or ``(H, W)`` complex measured k-space.
         sampled: ``(H, W)`` bool pattern of measured samples.
         noise_scan: ``(N, C)`` complex noise samples, or None.
-        noise_std: complex noise std to use (white, equal on every coil), overriding everything; None or
-            <= 0 means not given.
+        noise_std: complex noise std to use (white, equal on every coil), overriding everything; 0 means
+            noiseless data, None (or < 0) not given.
     """
     num_coils = 1 if np.ndim(kspace) == 2 else int(np.shape(kspace)[0])
-    if noise_std is not None and noise_std > 0:
+    if noise_std is not None and noise_std >= 0:
         return NoiseModel(np.eye(num_coils, dtype=np.complex128) * float(noise_std) ** 2, "given")
     if noise_scan is not None:
         cov = covariance_from_noise_scan(noise_scan)

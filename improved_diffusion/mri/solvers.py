@@ -21,14 +21,18 @@ def conjugate_gradient(
 
     Solves ``N x = rhs`` independently for every batch element of complex images ``(B, H, W)``, starting
     at ``x0``. Stops early when every element's residual norm is below ``tol`` times its initial residual
-    ``‖rhs − N x0‖`` (a warm start from a good estimate must still converge, not stop at once). An
-    element whose search direction has vanished (already converged) keeps its iterate.
+    ``‖rhs − N x0‖`` (a warm start from a good estimate must still converge, not stop at once), or below
+    ten times the working precision of ``‖rhs‖``. An element whose search direction has vanished (already
+    converged) keeps its iterate.
     """
     x = x0.clone()
     r = rhs - normal_op(x)
     p = r.clone()
     rs = _dot(r, r)
-    stop = tol**2 * rs
+    # ... but never below the working precision of ``rhs``: iterating on rounding noise in a singular
+    # system only amplifies it.
+    floor = (10 * torch.finfo(rhs.real.dtype).eps) ** 2 * _dot(rhs, rhs)
+    stop = torch.maximum(tol**2 * rs, floor)
     for _ in range(num_iters):
         if bool((rs <= stop).all()):
             break
