@@ -60,7 +60,7 @@ def baseline_defaults() -> Dict[str, Any]:
         method="l1_wavelet",
         lamda=-1.0,  # -1: the method's default (DEFAULT_LAMBDA)
         max_iter=100,
-        noise_std=-1.0,  # complex noise std of a k-space sample; -1 = the file's noise scan, else estimated
+        noise_std=-1.0,  # complex std of a k-space sample; 0 = noiseless; -1 = noise scan or estimate
         output_dir="recon_out",
         mask_type="random",
         center_fractions="0.08",
@@ -202,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             reconstruct,
             attrs,
             overwrite=args.overwrite,
-            noise_std=args.noise_std if args.noise_std > 0 else None,
+            noise_std=args.noise_std if args.noise_std >= 0 else None,
             png=args.png,
             max_png_per_file=args.max_png_per_file,
             progress=args.progress,

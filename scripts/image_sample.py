@@ -69,7 +69,7 @@ def sample_defaults() -> Dict[str, Any]:
         batch_size=recon.batch_size,
         sample_seed=0,
         # noise and data consistency
-        noise_std=-1.0,  # complex noise std of a k-space sample; -1 = the file's noise scan, else estimated
+        noise_std=-1.0,  # complex std of a k-space sample; 0 = noiseless; -1 = noise scan or estimate
         dc=recon.dc,
         prior_scale=recon.prior_scale,
         cg_tol=recon.cg_tol,
@@ -243,7 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             reconstruct,
             method_attrs,
             overwrite=args.overwrite,
-            noise_std=args.noise_std if args.noise_std > 0 else None,
+            noise_std=args.noise_std if args.noise_std >= 0 else None,
             png=args.png,
             max_png_per_file=args.max_png_per_file,
             progress=args.progress,
