@@ -73,13 +73,9 @@ BASELINE_LAMBDA: Dict[Tuple[str, str, int], float] = {
     ("bart_pics", "multicoil", 4): 3e-4,
     ("bart_pics", "multicoil", 8): 1e-2,
 }
-# Diffusion options per (coil, acceleration), chosen like the lambdas on the same training volume: at
-# multi-coil 8x the maps come from 5 centre columns (low-resolution fallback) and do not explain the data,
-# so exact consistency with them amplifies the misfit (7.4 dB with gamma 0 and the final CG, 20.7 dB with
-# gamma 0.1 and no final step; docs/results.md).
-DIFFUSION_ARGS: Dict[Tuple[str, int], List[str]] = {
-    ("multicoil", 8): ["--gamma", "0.1", "--final_dc", "False"],
-}
+# Diffusion options per (coil, acceleration) on top of image_sample.py's defaults: none since the
+# noise-aware data consistency (its prior_scale was chosen on a demo training volume, docs/results.md).
+DIFFUSION_ARGS: Dict[Tuple[str, int], List[str]] = {}
 ALL_METHODS = (
     "zero_filled",
     "sense",
@@ -578,7 +574,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=0,
         help="K for ancestral_project (0: --num_samples); its chain is much longer",
     )
-    p.add_argument("--t0", default="1.0", help="start time of the reverse chain (image_sample.py --t0)")
+    p.add_argument("--t0", default="0.2", help="start time of the reverse chain (image_sample.py --t0)")
     p.add_argument("--batch_size", type=int, default=0, help="image_sample.py --batch_size (0: its default)")
     p.add_argument("--seed", type=int, default=0, help="image_sample.py --sample_seed")
     p.add_argument("--sample_args", default="", help="extra flags for image_sample.py, one quoted string")

@@ -66,7 +66,7 @@ class ReconOptions:
     t0: Union[str, float, int] = "0.2"
     num_samples: int = 4
     batch_size: int = 0
-    prior_scale: float = 1.0
+    prior_scale: float = 0.7
     cg_tol: float = 1e-3
     cg_iters: int = 100
     final_dc: bool = True

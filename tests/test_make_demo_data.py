@@ -17,7 +17,7 @@ sys.modules["make_demo_data"] = demo
 spec.loader.exec_module(demo)
 
 TINY = dict(size=32, slices_per_volume=2, train_volumes=2, val_volumes=1, coils=4)
-FAST_ESPIRIT = dict(max_iter=20)
+FAST_ESPIRIT = dict(max_calib=24)
 
 
 @pytest.fixture(scope="module")

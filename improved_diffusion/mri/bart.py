@@ -96,7 +96,13 @@ def _run(args: Sequence[str], cwd: Optional[str] = None, timeout: float = 600.0)
             "'apt-get install -y bart' on Debian/Ubuntu"
         )
     try:
-        proc = subprocess.run([BART, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        # BART's OpenMP threads busy-wait: on a shared or small machine they slow it down many times
+        # (measured 10x on 2 busy cores), so one thread unless the caller set OMP_NUM_THREADS.
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        proc = subprocess.run(
+            [BART, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+        )
     except subprocess.TimeoutExpired:
         raise BartError(f"bart {args[0]} did not finish in {timeout:g} s") from None
     except OSError as err:

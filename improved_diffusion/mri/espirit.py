@@ -155,7 +155,8 @@ def _kernel_gram(kernels: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
     n, c, kh, kw = kernels.shape
     lh, lw = 2 * kh - 1, 2 * kw - 1
     spec = torch.fft.fft2(kernels, s=(lh, lw))  # (n, C, lh, lw)
-    corr = torch.einsum("nchw,ndhw->cdhw", spec, spec.conj())
+    flat = spec.reshape(n, c, lh * lw).permute(2, 1, 0)  # (lags, C, n)
+    corr = (flat @ flat.conj().transpose(-1, -2)).permute(1, 2, 0).reshape(c, c, lh, lw)
     corr = torch.fft.fftshift(torch.fft.ifft2(corr), dim=(-2, -1))  # lags -(k-1)..k-1, zero lag centred
     big_h, big_w = shape
     padded = torch.zeros(c, c, big_h, big_w, dtype=kernels.dtype, device=kernels.device)
@@ -202,7 +203,11 @@ def espirit_maps(
         raise ValueError(f"ESPIRiT kernel {kernel} does not fit the calibration region {(h, w)}")
     patches = calib.unfold(1, kh, 1).unfold(2, kw, 1)  # (C, nh, nw, kh, kw)
     mat = patches.permute(1, 2, 0, 3, 4).reshape(-1, c * kh * kw)
-    _, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    # The right singular vectors from the small (C kh kw)^2 Gram matrix, in double precision: the
+    # calibration matrix is tall (one row per patch position), and its SVD costs rows x cols^2 anyway.
+    evals, evecs = torch.linalg.eigh(mat.to(torch.complex128).T.conj() @ mat.to(torch.complex128))
+    s = evals.flip(0).clamp_min(0).sqrt()
+    vh = evecs.flip(1).T.conj().to(calib.dtype)
     if noise_std is not None and noise_std > 0:
         cut = noise_std * (math.sqrt(mat.shape[0]) + math.sqrt(mat.shape[1]))
     else:
