@@ -11,7 +11,11 @@ Files are read as fastMRI publishes them:
 The training image of a slice is ``ifft2c(kspace)`` (single-coil) or the coil combination
 ``sum_c conj(S_c) * ifft2c(y_c)`` with the ESPIRiT maps ``S`` (multi-coil), optionally center-cropped,
 divided by a per-slice intensity scale (:func:`scale_from_kspace`) that travels with the batch in
-``kwargs["scale"]``, so ``x * scale`` gives back the image exactly.
+``kwargs["scale"]``, so ``x * scale`` gives back the image exactly (without augmentation).
+
+Optionally (``augment``, an :class:`~improved_diffusion.augment.AugmentConfig`) each training image is then
+augmented and/or cut to a random patch, seeded per sample by (seed, stream, pass over the data, file name,
+slice), so the result does not depend on the number of DataLoader workers.
 """
 
 import os
@@ -22,8 +26,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
+from .augment import AugmentConfig, augment_image, sample_key
 from .mri.fftc import center_crop, complex_to_channels, ifft2c
 
 # Half-width of the central k-space block the scale is computed from: the 3x3 block around the k-space
@@ -304,6 +309,10 @@ def slice_problem(kspace: torch.Tensor, maps: Optional[torch.Tensor] = None) -> 
 class FastMRISliceDataset(Dataset):
     """One item per (file, slice): ``(x (2, h, w) float32, {"scale", "fname", "slice_idx", "bad"})``.
 
+    An item is asked for by its index or by ``(epoch, index)`` (what :func:`load_data`'s sampler yields): with
+    ``augment`` the image is augmented with the draws of key ``(augment.seed, augment_stream, epoch, file
+    base name, slice)`` (:func:`~improved_diffusion.augment.sample_key`); a bare index is epoch 0.
+
     Files are opened per item (cheap with h5py), so the dataset holds no handle and works in DataLoader
     worker processes with any start method. Each slice's values are checked as it is read
     (:func:`slice_problem`), so a file is read once per epoch and never twice for checking. A bad slice
@@ -318,11 +327,15 @@ class FastMRISliceDataset(Dataset):
         crop_size: CropSize = None,
         skip_edge_slices: int = 0,
         on_bad_file: str = "error",
+        augment: Optional[AugmentConfig] = None,
+        augment_stream: int = 0,
     ):
         if skip_edge_slices < 0:
             raise ValueError(f"skip_edge_slices must be >= 0, got {skip_edge_slices}")
         check_on_bad_file(on_bad_file)
         self.crop = None if crop_size is None else _crop_pair(crop_size)
+        self.augment = augment if augment is not None and augment.enabled else None
+        self.augment_stream = int(augment_stream)
         self.on_bad_file = on_bad_file
         self.bad_files: Dict[str, str] = {}  # path -> reason, found in this process
         self.items: List[Tuple[str, int, bool]] = []
@@ -334,7 +347,15 @@ class FastMRISliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict]:
+    def __getitem__(self, index: Union[int, Tuple[int, int]]) -> Tuple[torch.Tensor, Dict]:
+        epoch, index = (0, index) if isinstance(index, (int, np.integer)) else index
+        x, kwargs = self._get(int(index))
+        if self.augment is not None:
+            key = sample_key(self.augment, self.augment_stream, epoch, kwargs["fname"], kwargs["slice_idx"])
+            x = augment_image(x, self.augment, key).float().contiguous()
+        return x, kwargs
+
+    def _get(self, index: int) -> Tuple[torch.Tensor, Dict]:
         if self.on_bad_file == "error":
             x, kwargs = self.read_item(index)
             kwargs["bad"] = []
@@ -423,12 +444,15 @@ def index_data(
     shard: Optional[int] = None,
     num_shards: Optional[int] = None,
     report: Optional[Report] = None,
+    patch_size: int = 0,
 ) -> List[FileInfo]:
     """The index pass of :func:`load_data`: this shard's usable files, each checked by :func:`check_file`
     (keys, dtypes and shapes; no slice data is read).
 
     Files (sorted) are split across ranks as ``files[shard::num_shards]`` (defaults: this process's rank
-    and world size). Arguments as in :func:`load_data`.
+    and world size). Arguments as in :func:`load_data`; ``patch_size`` > 0 (random square patches, see
+    :mod:`improved_diffusion.augment`) must fit in every (cropped) slice, and then slices of different
+    sizes can share a batch.
 
     Raises:
         BadFileError: in ``"error"`` mode, one line per bad file of the shard.
@@ -442,6 +466,8 @@ def index_data(
     check_on_bad_file(on_bad_file)
     if crop_size is not None:
         crop_size = _crop_pair(crop_size)
+    if not (isinstance(patch_size, int) and patch_size >= 0):
+        raise ValueError(f"patch_size must be an int >= 0 (0: whole slices), got {patch_size!r}")
     if shard is None or num_shards is None:
         rank, world = _default_shard()
         shard = rank if shard is None else shard
@@ -461,7 +487,15 @@ def index_data(
     infos = index_files(mine, on_bad_file=on_bad_file, require_maps=True, crop_size=crop_size, report=report)
     if not infos:
         raise ValueError(f"no usable files in shard {shard} of {num_shards} of {data_dir!r} (all were bad)")
-    if batch_size > 1 and crop_size is None:
+    if patch_size:
+        small = [info for info in infos if min(crop_size or info.shape) < patch_size]
+        if small:
+            raise ValueError(
+                f"patch_size {patch_size} does not fit in the slices of {small[0].path} "
+                f"({crop_size or small[0].shape}{' after crop' if crop_size else ''})"
+                + (f" and {len(small) - 1} more files" if len(small) > 1 else "")
+            )
+    if batch_size > 1 and crop_size is None and not patch_size:
         sizes = {info.shape: info.path for info in infos}
         if len(sizes) > 1:
             (s1, p1), (s2, p2) = list(sizes.items())[:2]
@@ -492,6 +526,26 @@ def _worker_message(err: BadFileError) -> str:
     return text[text.rindex(marker) + len(marker) :].strip() if marker in text else text
 
 
+class EpochTaggedSampler(Sampler):
+    """Wraps a sampler so it yields ``(epoch, index)``; ``epoch`` counts the passes over it (from 0).
+
+    The sampler runs in the main process, so every DataLoader worker sees the same epoch numbers and the
+    per-sample augmentation seeds do not depend on the number of workers.
+    """
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        for index in self.sampler:
+            yield epoch, index
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 def load_data(
     *,
     data_dir: str = "",
@@ -506,6 +560,8 @@ def load_data(
     seed: int = 0,
     files: Optional[Sequence[FileInfo]] = None,
     report: Optional[Report] = None,
+    augment: Optional[AugmentConfig] = None,
+    augment_stream: int = 0,
 ) -> Iterator[Tuple[torch.Tensor, Dict]]:
     """Infinite generator of training batches from a folder of fastMRI h5 files.
 
@@ -528,9 +584,14 @@ def load_data(
         seed: shuffling seed.
         files: the result of :func:`index_data` (then ``data_dir`` and the shard are not looked at).
         report: called with one line per skipped file; default ``warnings.warn``.
+        augment: augmentations and random patches (:mod:`improved_diffusion.augment`), applied after
+            the crop; None or a config with nothing on keeps the images as they are.
+        augment_stream: part of every augmentation seed (scripts/image_train.py passes the resumed step,
+            so a resumed run does not replay the augmentations of the run it continues).
 
     Yields:
-        ``(x, kwargs)``: x float32 (B, 2, h, w) = (real, imag) of image / scale; kwargs
+        ``(x, kwargs)``: x float32 (B, 2, h, w) = (real, imag) of image / scale (h = w = patch size with
+        patches); kwargs
         ``{"scale": float32 (B,), "fname": list[str], "slice_idx": int64 (B,)}``.
     """
     if num_workers < 0:
@@ -545,10 +606,16 @@ def load_data(
             shard=shard,
             num_shards=num_shards,
             report=report,
+            patch_size=augment.patch_size if augment is not None else 0,
         )
     report = report or _warn
     dataset = FastMRISliceDataset(
-        files, crop_size=crop_size, skip_edge_slices=skip_edge_slices, on_bad_file=on_bad_file
+        files,
+        crop_size=crop_size,
+        skip_edge_slices=skip_edge_slices,
+        on_bad_file=on_bad_file,
+        augment=augment,
+        augment_stream=augment_stream,
     )
     if len(dataset) < batch_size:
         raise ValueError(
@@ -556,10 +623,12 @@ def load_data(
             f"fewer than batch_size={batch_size}"
         )
     generator = torch.Generator().manual_seed(seed)
+    # The sampler DataLoader(shuffle=...) would build, tagged with the pass number (same order, same draws).
+    order = SequentialSampler(dataset) if deterministic else RandomSampler(dataset, generator=generator)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=not deterministic,
+        sampler=EpochTaggedSampler(order),
         num_workers=num_workers,
         drop_last=True,
         collate_fn=collate_slices,

@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 import tempfile
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
@@ -115,6 +115,17 @@ def default_channel_mult(image_size: int) -> Tuple[int, ...]:
     if image_size >= 64:
         return (1, 2, 3, 4)
     return (1, 2, 2, 2)
+
+
+def downsampling_factor(config: Dict[str, Any]) -> int:
+    """How many times the UNet of ``config`` halves its input: image sides must be multiples of it."""
+    mult = config.get("channel_mult", "")
+    levels = (
+        len(default_channel_mult(int(config["image_size"])))
+        if mult in ("", None)
+        else len(_parse_int_list(mult, "channel_mult"))
+    )
+    return 2 ** (levels - 1)
 
 
 def _parse_int_list(value: Any, name: str) -> Tuple[int, ...]:
@@ -231,8 +242,17 @@ def create_gaussian_diffusion(
     )
 
 
-def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict[str, Any]) -> None:
-    """Add one ``--key`` flag per entry, typed after its default (bools parsed with :func:`str2bool`)."""
+def add_dict_to_argparser(
+    parser: argparse.ArgumentParser,
+    default_dict: Dict[str, Any],
+    help_texts: Optional[Dict[str, str]] = None,
+) -> None:
+    """Add one ``--key`` flag per entry, typed after its default (bools parsed with :func:`str2bool`).
+
+    Args:
+        help_texts: optional ``--help`` line per key (keys without one get none, as upstream's flags).
+    """
+    help_texts = help_texts or {}
     for k, v in default_dict.items():
         if v is None:
             v_type = str
@@ -240,7 +260,7 @@ def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict[st
             v_type = str2bool
         else:
             v_type = type(v)
-        parser.add_argument(f"--{k}", default=v, type=v_type)
+        parser.add_argument(f"--{k}", default=v, type=v_type, help=help_texts.get(k))
 
 
 def add_upstream_flags(parser: argparse.ArgumentParser, flags: Dict[str, Tuple[Any, str]]) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from improved_diffusion import dist_util, logger
+from improved_diffusion.augment import AUGMENT_HELP, AugmentConfig, augment_defaults, config_from_flags
 from improved_diffusion.fastmri_data import BadFileError, FileInfo, index_data, load_data
 from improved_diffusion.resample import create_named_schedule_sampler
 from improved_diffusion.script_util import (
@@ -30,6 +31,7 @@ from improved_diffusion.script_util import (
     add_upstream_flags,
     args_to_dict,
     create_model_and_diffusion,
+    downsampling_factor,
     load_config,
     model_and_diffusion_defaults,
     save_config,
@@ -78,9 +80,10 @@ def train_defaults() -> Dict[str, Any]:
 
 def create_argparser() -> argparse.ArgumentParser:
     defaults = train_defaults()
+    defaults.update(augment_defaults())  # augmentation and patches (docs/training.md); default: none
     defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dict_to_argparser(parser, defaults)
+    add_dict_to_argparser(parser, defaults, help_texts=AUGMENT_HELP)
     add_upstream_flags(parser, UPSTREAM_TRAIN_FLAGS)  # so copy-pasted upstream commands run
     return parser
 
@@ -92,7 +95,24 @@ def print_error(err: BaseException) -> None:
             print(f"error: {line}", file=sys.stderr, flush=True)
 
 
-def index_training_files(args: argparse.Namespace, crop_size: Any) -> List[FileInfo]:
+def augment_config(args: argparse.Namespace) -> AugmentConfig:
+    """The augmentation flags as a config; a patch must suit the UNet (a multiple of its downsampling).
+
+    Raises:
+        ValueError: a bad flag, in one line.
+    """
+    config = config_from_flags(vars(args))
+    factor = downsampling_factor(vars(args))
+    if config.patch_size % factor:
+        raise ValueError(
+            f"--patch_size {config.patch_size} must be a multiple of {factor}: the UNet "
+            f"(channel_mult {args.channel_mult or 'default'}) halves its input "
+            f"{factor.bit_length() - 1} times"
+        )
+    return config
+
+
+def index_training_files(args: argparse.Namespace, crop_size: Any, patch_size: int = 0) -> List[FileInfo]:
     """The index pass over every rank's files, before anything is built; rank 0 prints every rank's lines.
 
     Raises:
@@ -109,6 +129,7 @@ def index_training_files(args: argparse.Namespace, crop_size: Any) -> List[FileI
             skip_edge_slices=args.skip_edge_slices,
             on_bad_file=args.on_bad_file,
             report=notes.append,
+            patch_size=patch_size,
         )
     except ValueError as err:  # BadFileError is a ValueError
         problem = str(err)
@@ -203,6 +224,7 @@ def main() -> None:
         raise SystemExit("error: --data_dir is required (a folder of fastMRI-format .h5 files)")
     try:
         crop_size = parse_crop_size(args.crop_size)
+        augment = augment_config(args)
         dist_util.setup_dist()
     except (ValueError, dist_util.LauncherError) as err:
         print_error(err)
@@ -210,7 +232,7 @@ def main() -> None:
     rank = dist_util.get_rank()
     # The index pass comes first: a bad file stops the run before a model is built or a log dir written.
     try:
-        files = index_training_files(args, crop_size)
+        files = index_training_files(args, crop_size, augment.patch_size)
     except ValueError as err:
         print_error(err)
         dist_util.cleanup_dist()
@@ -223,6 +245,10 @@ def main() -> None:
     for note in upstream_flag_notes(args, UPSTREAM_TRAIN_FLAGS):
         logger.log(note)
     logger.log(f"data: {len(files)} files, {sum(f.num_slices for f in files)} slices on this rank")
+    if augment.enabled:
+        on = ", ".join(f"{n} p={p:g}" for n, p in augment.probabilities) or "none"
+        patch = f"{augment.patch_size}x{augment.patch_size} patches" if augment.patch_size else "whole slices"
+        logger.log(f"augmentation: {on}; {patch}; seed {augment.seed}")
 
     model_config = args_to_dict(args, model_and_diffusion_defaults().keys())
     if dist_util.is_main_process():
@@ -254,6 +280,9 @@ def main() -> None:
         # A resumed run shuffles differently from the run it continues instead of replaying its first batches.
         seed=args.seed + start,
         report=lambda line: print(line, file=sys.stderr, flush=True),
+        augment=augment,
+        # a resumed run draws new augmentations instead of replaying those of the run it continues
+        augment_stream=start,
     )
     report = os.environ.get(RANK_REPORT_ENV) == "1"
     seen_files: set = set()

@@ -99,3 +99,97 @@ def test_cli_tiny_singlecoil(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "built" in text and "singlecoil: max|x|/scale over 6 slices" in text
     assert demo.main(["--kinds", "knee", "--output_dir", str(tmp_path)]) == 2
+
+
+def test_synthesized_contrasts_lie_in_their_documented_ranges():
+    maps = demo.load_tissue_maps()
+    assert maps.shape == (3, 189, 233, 197) and maps.min() >= 0 and maps.sum(axis=0).max() <= 1 + 1e-6
+    gm, wm, csf = (maps[i] > 0.95 for i in range(3))
+    rng = np.random.default_rng(0)
+    for contrast, ranges in demo.CONTRAST_RANGES.items():
+        for _ in range(3):
+            levels = demo.draw_intensities(rng, contrast)
+            image = demo.synthesize(maps[:, 80:100], levels)
+            assert 0 <= image.min() and image.max() <= 1
+            for tissue, pure in (("gm", gm), ("wm", wm), ("csf", csf)):
+                lo, hi = ranges[tissue]
+                values = image[pure[80:100]]
+                # >= 95% of the tissue, the rest (<= 5%) at most 1
+                assert lo * 0.95 - 1e-6 <= values.min() and values.max() <= hi + 0.05 + 1e-6, (
+                    contrast,
+                    tissue,
+                )
+    order = {c: sorted(demo.TISSUES, key=lambda t: -r[t][0]) for c, r in demo.CONTRAST_RANGES.items()}
+    assert order == {
+        "t1": ["wm", "gm", "csf"],
+        "t2": ["csf", "gm", "wm"],
+        "pd": ["csf", "gm", "wm"],
+        "flair": ["gm", "wm", "csf"],
+    }
+    for r in demo.CONTRAST_RANGES.values():  # the ranges do not overlap, so the order always holds
+        lows = sorted(r.values())
+        assert lows[0][1] < lows[1][0] and lows[1][1] < lows[2][0]
+
+
+def test_sections_avoid_the_validation_slices():
+    maps = demo.load_tissue_maps()
+    first, last = demo.brain_slices(demo.load_template())
+    layout = demo.volume_layout(first, last, 6, 2, 10)
+    held = demo.heldout_slices(layout, maps.shape[1])
+    val = [z for zs in layout["val"] for z in zs]
+    assert all(held[z] for z in val) and not any(held[z] for zs in layout["train"] for z in zs)
+    rng = np.random.default_rng(1)
+    axial = demo.synth_sections(maps, "axial", held, first, last, 5, rng)
+    assert all(min(abs(z - v) for v in val) >= demo.HOLDOUT_GAP for z, _, _ in axial)
+    for orientation in ("coronal", "sagittal"):
+        for _pos, slab, sec in demo.synth_sections(maps, orientation, held, first, last, 3, rng):
+            assert sec.shape[1] == 189 and slab in [tuple(s) for s in demo.slabs(held)]
+            rows = sec.sum(axis=(0, 2))[::-1]  # per axial slice z (rows run superior first)
+            assert rows[held].max() == 0 and rows.max() > 0
+            whole = demo.synth_sections(maps, orientation, held, first, last, 1, rng, holdout="none")[0]
+            assert whole[1] is None and whole[2].sum(axis=(0, 2))[::-1][held].max() > 0
+
+
+def test_tiny_build_with_contrasts(tmp_path):
+    kw = dict(TINY, kinds=("singlecoil",), log=lambda *_: None)
+    manifest = demo.build(str(tmp_path), **kw, contrasts=("t2", "flair"), orientations=("axial", "sagittal"))
+    names = sorted(os.listdir(tmp_path / "singlecoil_synth_train"))
+    assert names == [
+        f"synth_singlecoil_{o}_{c}_000.h5" for o in ("axial", "sagittal") for c in ("flair", "t2")
+    ]
+    synth = manifest["synthetic"]
+    for name in names:
+        path = tmp_path / "singlecoil_synth_train" / name
+        info = check_file(str(path))
+        assert info.num_slices == 2 and info.shape == (32, 32)
+        with h5py.File(path) as f:
+            orientation, contrast = f.attrs["orientation"], f.attrs["contrast"]
+            assert (
+                f.attrs["acquisition"] == {"axial": "AX", "sagittal": "SAG"}[orientation] + contrast.upper()
+            )
+            levels = f.attrs["intensities"]
+            for j, tissue in enumerate(demo.TISSUES):
+                lo, hi = demo.CONTRAST_RANGES[contrast][tissue]
+                assert np.all((lo <= levels[:, j]) & (levels[:, j] <= hi))
+        entry = synth["files"][f"singlecoil_synth_train/{name}"]
+        if orientation == "axial":
+            assert not set(entry["positions"]) & set(synth["heldout_slices"])
+        else:
+            z0, z1 = entry["slab"]
+            assert not set(range(z0, z1)) & set(synth["heldout_slices"])
+    x, _ = next(
+        load_data(data_dir=str(tmp_path / "singlecoil_synth_train"), batch_size=4, shard=0, num_shards=1)
+    )
+    assert x.shape == (4, 2, 32, 32) and torch_finite(x)
+    # without contrasts: no synthetic folder, no manifest entry (the default output is unchanged)
+    plain = demo.build(str(tmp_path / "plain"), **kw)
+    assert "synthetic" not in plain and not (tmp_path / "plain" / "singlecoil_synth_train").exists()
+    with pytest.raises(ValueError, match="contrasts must be among"):
+        demo.build(str(tmp_path / "bad"), **kw, contrasts=("t3",))
+    assert demo.main(["--tiny", "--kinds", "singlecoil", "--contrasts", "pd", "--orientations", "coronal",
+                      "--synth_holdout", "none", "--output_dir", str(tmp_path / "cli")]) == 0  # fmt: skip
+    assert os.listdir(tmp_path / "cli" / "singlecoil_synth_train") == ["synth_singlecoil_coronal_pd_000.h5"]
+
+
+def torch_finite(x):
+    return bool(np.isfinite(x.numpy()).all())

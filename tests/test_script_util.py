@@ -17,6 +17,7 @@ from improved_diffusion.script_util import (
     create_model,
     create_model_and_diffusion,
     default_channel_mult,
+    downsampling_factor,
     load_config,
     model_and_diffusion_defaults,
     save_config,
@@ -163,6 +164,15 @@ def test_argparser_round_trip():
         assert str2bool(text) is value
     with pytest.raises(argparse.ArgumentTypeError):
         str2bool("maybe")
+
+
+def test_argparser_help_texts_and_downsampling_factor():
+    parser = argparse.ArgumentParser()
+    add_dict_to_argparser(parser, {"patch_size": 0, "lr": 1e-4}, help_texts={"patch_size": "side of a patch"})
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["patch_size"] == "side of a patch" and helps["lr"] is None
+    assert downsampling_factor(model_and_diffusion_defaults()) == 16  # image_size 128: 5 levels
+    assert downsampling_factor({"image_size": 128, "channel_mult": "1,2"}) == 2
 
 
 def test_upstream_flags_are_accepted_with_a_note():
