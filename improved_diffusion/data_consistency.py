@@ -298,7 +298,7 @@ def bound_x0(x0: torch.Tensor, mode: str = "magnitude", value: float = 1.0) -> t
 
     ``magnitude`` scales every complex pixel whose magnitude exceeds ``value`` down to it (phase kept);
     ``channel`` clamps each channel to ``[-value, value]`` (upstream improved-diffusion's clip);
-    ``none`` leaves it. Bounding x̂0 before DC keeps ancestral sampling from diverging (FINDINGS).
+    ``none`` leaves it. Bounding x̂0 before DC keeps ancestral sampling from diverging.
     """
     if mode == "none":
         return x0
