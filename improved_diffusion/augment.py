@@ -23,6 +23,10 @@ Augmentations (names of ``--augment``), applied in this order:
             N(0, phase^2) coefficients (as datasets/make_demo_data.py simulates)
 ``noise``   complex Gaussian noise, standard deviation uniform in [0, noise] (E|n|^2 = sigma^2), in the
             units of the image (the normalized image / scale during training)
+``gain``    intensity times a factor log-uniform in [1 / (1 + gain), 1 + gain]: reconstruction estimates the
+            intensity scale from the sampled k-space centre only, so the normalized peak it gives the network
+            varies from slice to slice (fastmri_data.scale_from_kspace); training with a gain teaches the
+            prior that range
 ========== ============================================================================================
 
 ``rotate``, ``scale`` and ``elastic`` are composed into one sampling grid and resampled once (bicubic;
@@ -47,7 +51,17 @@ import torch.nn.functional as F
 from .mri.fftc import channels_to_complex, complex_to_channels
 
 # The names of --augment in the order they are applied; each with its default probability.
-AUGMENTATIONS: Tuple[str, ...] = ("flip", "rot90", "rotate", "scale", "elastic", "bias", "phase", "noise")
+AUGMENTATIONS: Tuple[str, ...] = (
+    "flip",
+    "rot90",
+    "rotate",
+    "scale",
+    "elastic",
+    "bias",
+    "phase",
+    "noise",
+    "gain",
+)
 DEFAULT_PROBABILITY: Dict[str, float] = {
     "flip": 0.5,
     "rot90": 0.5,
@@ -57,6 +71,7 @@ DEFAULT_PROBABILITY: Dict[str, float] = {
     "bias": 0.5,
     "phase": 1.0,  # MR phase is arbitrary: a random smooth phase costs nothing and is always plausible
     "noise": 0.5,
+    "gain": 1.0,
 }
 _PATCH = len(AUGMENTATIONS)  # generator index of the patch position
 
@@ -77,6 +92,7 @@ class AugmentConfig:
         bias: standard deviation of the log bias-field polynomial coefficients.
         phase: standard deviation of the phase polynomial coefficients, radians.
         noise: largest noise standard deviation, image units.
+        gain: ``gain`` multiplies by a factor in [1 / (1 + gain), 1 + gain].
         patch_size: side of a random square patch cut after augmentation; 0 keeps the whole image.
         seed: base seed of every draw (>= 0).
     """
@@ -89,6 +105,7 @@ class AugmentConfig:
     bias: float = 0.3
     phase: float = 1.0
     noise: float = 0.02
+    gain: float = 1.0
     patch_size: int = 0
     seed: int = 0
 
@@ -102,7 +119,7 @@ class AugmentConfig:
         # one canonical order, so equal configs compare (and print) equal
         ordered = tuple((n, float(probs[n])) for n in AUGMENTATIONS if n in probs)
         object.__setattr__(self, "probabilities", ordered)
-        for name in ("rotate_deg", "scale", "elastic_px", "bias", "phase", "noise"):
+        for name in ("rotate_deg", "scale", "elastic_px", "bias", "phase", "noise", "gain"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"augment {name} must be a finite number >= 0, got {value!r}")
@@ -402,6 +419,11 @@ def augment_image(
         std = float(rng.uniform(0.0, config.noise))
         x = add_noise(x, std, rng)
         applied["noise"] = std
+    rng = on("gain")
+    if rng is not None:
+        g = float(math.exp(rng.uniform(-math.log1p(config.gain), math.log1p(config.gain))))
+        x = x * g
+        applied["gain"] = g
     if record is not None:
         record.applied = applied
     return x
@@ -425,6 +447,7 @@ def augment_defaults() -> Dict[str, object]:
         augment_bias=d.bias,
         augment_phase=d.phase,
         augment_noise=d.noise,
+        augment_gain=d.gain,
     )
 
 
@@ -441,6 +464,7 @@ AUGMENT_HELP: Dict[str, str] = {
     "augment_bias": "bias: std of the log bias-field polynomial coefficients",
     "augment_phase": "phase: std of the phase polynomial coefficients, radians",
     "augment_noise": "noise: largest complex noise std, in normalized image units",
+    "augment_gain": "gain: intensity factor in [1/(1+g), 1+g]",
 }
 
 
@@ -462,6 +486,7 @@ def config_from_flags(values: Dict[str, object]) -> AugmentConfig:
             bias=float(v["augment_bias"]),
             phase=float(v["augment_phase"]),
             noise=float(v["augment_noise"]),
+            gain=float(v["augment_gain"]),
             patch_size=int(v["patch_size"]),
             seed=int(v["augment_seed"]),
         )

@@ -31,15 +31,13 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Sequen
 from .augment import AugmentConfig, augment_image, sample_key
 from .mri.fftc import center_crop, complex_to_channels, ifft2c
 
-# Half-width of the central k-space block the scale is computed from: the 3x3 block around the k-space
-# centre (H // 2, W // 2). Every mask we support samples it: fastMRI's centre fractions at 128 columns leave
-# 5 (8x, cf 0.04) or 10 (4x, cf 0.08) centre columns, and sigpy's Poisson calibration square of side 5 at
-# 128 is rows/columns 61..65, which holds 63..65 but not a 5x5 block around 64.
-SCALE_HALF_WIDTH = 1
-# scale = SCALE_MARGIN * max |low-resolution image|. The low-resolution image from the 3x3 block is a
-# heavily blurred copy whose maximum is close to max |x| (measured ratio 0.9-1.9 on MNI slices), so a
-# margin of 2 keeps almost all normalized magnitudes (and so both channels) inside [-1, 1], the range
-# improved-diffusion's x0 clipping assumes.
+# The intensity scale is SCALE_MARGIN x the peak of the image from the largest centred k-space block that is
+# fully sampled: the whole k-space in training (so the normalized training image peaks at exactly
+# 1 / SCALE_MARGIN), all rows x the ACS columns of a column mask, the calibration square of a 2-D mask. A
+# blurred image peaks lower than the sharp one, so undersampled data give a normalized peak somewhat above
+# 1 / SCALE_MARGIN; the ``gain`` augmentation (augment.py) trains the prior on that range. The block must
+# hold at least the 3x3 around the centre (H // 2, W // 2), which every supported mask samples.
+SCALE_MIN_HALF_WIDTH = 1
 SCALE_MARGIN = 2.0
 
 _KSPACE = "kspace"
@@ -83,16 +81,48 @@ def slice_to_image(kspace: torch.Tensor, maps: Optional[torch.Tensor] = None) ->
     return (maps.conj() * ifft2c(kspace)).sum(dim=-3)
 
 
-def scale_from_kspace(kspace: torch.Tensor, maps: Optional[torch.Tensor] = None) -> float:
-    """Intensity scale of a slice from its central 3x3 k-space block only.
+def sampled_center_block(sampled: torch.Tensor) -> Optional[Tuple[slice, slice]]:
+    """The largest fully sampled rectangle grown from the centre of a k-space sampling pattern.
 
-    ``scale = SCALE_MARGIN * max_r sqrt(sum_c |ifft2c(B y_c)(r)|^2)`` where ``B`` keeps the 3x3 block
-    around the k-space centre ``(H // 2, W // 2)`` and zeros the rest: twice the peak of the root-sum-of-
-    squares low-resolution image. Every supported mask samples that block, so fully sampled (training)
-    and undersampled (reconstruction) k-space of the same slice give the same scale. For normalized maps
-    (sum_c |S_c|^2 = 1) the RSS of the low-resolution coil images is the magnitude of the low-resolution
-    coil-combined image, so the scale does not depend on how the maps were estimated; ``maps`` is
-    accepted for a uniform call signature and not used. An all-zero block gives 1.0 (nothing to scale).
+    Starts from the 3x3 block around ``(H // 2, W // 2)`` and moves each of its four edges outwards, one
+    row or column at a time, while the new row/column is sampled across the block. A column mask gives all
+    rows x its ACS columns, a 2-D mask its calibration square, full sampling the whole k-space.
+
+    Args:
+        sampled: (H, W) bool, True where k-space was sampled.
+
+    Returns:
+        ``(rows, cols)`` slices, or None if the central 3x3 block is not fully sampled.
+    """
+    h, w = sampled.shape
+    r = SCALE_MIN_HALF_WIDTH
+    top, bottom, left, right = h // 2 - r, h // 2 + r + 1, w // 2 - r, w // 2 + r + 1  # half-open
+    if top < 0 or left < 0 or bottom > h or right > w or not sampled[top:bottom, left:right].all():
+        return None
+    grown = True
+    while grown:
+        grown = False
+        if top > 0 and sampled[top - 1, left:right].all():
+            top, grown = top - 1, True
+        if bottom < h and sampled[bottom, left:right].all():
+            bottom, grown = bottom + 1, True
+        if left > 0 and sampled[top:bottom, left - 1].all():
+            left, grown = left - 1, True
+        if right < w and sampled[top:bottom, right].all():
+            right, grown = right + 1, True
+    return slice(top, bottom), slice(left, right)
+
+
+def scale_from_kspace(kspace: torch.Tensor, maps: Optional[torch.Tensor] = None) -> float:
+    """Intensity scale of a slice: twice the peak of its image from the fully sampled k-space centre.
+
+    ``scale = SCALE_MARGIN * max_r sqrt(sum_c |ifft2c(B y_c)(r)|^2)`` where ``B`` keeps the largest centred
+    block that is fully sampled (:func:`sampled_center_block`) and zeros the rest: the whole k-space for
+    training data, so training images peak at ``1 / SCALE_MARGIN``; the ACS region for undersampled data, a
+    blurred image whose peak is somewhat lower (docs/reconstruction.md, "Intensity scale"). For normalized
+    maps (sum_c |S_c|^2 = 1) the RSS of the coil images is the magnitude of the coil-combined image, so the
+    scale does not depend on how the maps were estimated; ``maps`` is accepted for a uniform call signature
+    and not used. All-zero k-space gives 1.0 (nothing to scale).
 
     Args:
         kspace: (H, W) or (C, H, W) complex k-space (torch or numpy), fully sampled or masked.
@@ -102,31 +132,27 @@ def scale_from_kspace(kspace: torch.Tensor, maps: Optional[torch.Tensor] = None)
         The scale (python float > 0); the network sees ``image / scale``.
 
     Raises:
-        ValueError: if the central 3x3 block is only partly sampled (a mask that misses it).
+        ValueError: if the central 3x3 block is not fully sampled (a mask that misses it).
     """
-    del maps  # the RSS of the low-resolution coil images already is the combined magnitude
+    del maps  # the RSS of the coil images already is the combined magnitude
     kspace = _as_complex_tensor("kspace", kspace)
     if kspace.ndim not in (2, 3):
         raise ValueError(f"kspace must be (H, W) or (C, H, W), got shape {tuple(kspace.shape)}")
-    h, w = kspace.shape[-2:]
-    r = SCALE_HALF_WIDTH
-    if h < 2 * r + 1 or w < 2 * r + 1:
-        raise ValueError(
-            f"kspace {tuple(kspace.shape)} is smaller than the {2 * r + 1}x{2 * r + 1} scale block"
-        )
-    rows, cols = slice(h // 2 - r, h // 2 + r + 1), slice(w // 2 - r, w // 2 + r + 1)
-    block = kspace[..., rows, cols]
-    sampled = (block != 0).reshape(-1, 2 * r + 1, 2 * r + 1).any(dim=0)
+    n = 2 * SCALE_MIN_HALF_WIDTH + 1
+    if min(kspace.shape[-2:]) < n:
+        raise ValueError(f"kspace {tuple(kspace.shape)} is smaller than the {n}x{n} scale block")
+    sampled = (kspace != 0).reshape(-1, *kspace.shape[-2:]).any(dim=0)
     if not sampled.any():
         return 1.0
-    if not sampled.all():
+    block = sampled_center_block(sampled)
+    if block is None:
         raise ValueError(
-            f"the central {2 * r + 1}x{2 * r + 1} k-space block is only partly sampled "
-            f"({int(sampled.sum())} of {sampled.numel()} points); the intensity scale needs a mask that "
-            "fully samples at least the 3 central rows and columns"
+            f"the central {n}x{n} k-space block is only partly sampled; the intensity scale needs a mask "
+            "that fully samples at least the 3 central rows and columns"
         )
+    rows, cols = block
     low = torch.zeros_like(kspace)
-    low[..., rows, cols] = block
+    low[..., rows, cols] = kspace[..., rows, cols]
     low_img = ifft2c(low)
     rss = low_img.abs() if kspace.ndim == 2 else low_img.abs().pow(2).sum(dim=0).sqrt()
     return float(SCALE_MARGIN * rss.max())

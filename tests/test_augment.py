@@ -109,6 +109,17 @@ def test_pure_phase_keeps_magnitude_and_bias_keeps_phase():
     assert torch.allclose(torch.angle(y), torch.angle(x), atol=1e-5)
 
 
+def test_gain_is_a_real_factor_in_its_range():
+    x = _image()
+    cfg = A.AugmentConfig(probabilities=(("gain", 1.0),), gain=0.5)
+    for s in range(20):
+        record = A.AugmentRecord()
+        y = A.augment_image(x, cfg, (0, 0, 0, 0, s), record)
+        g = record.applied["gain"]
+        assert 1 / 1.5 <= g <= 1.5
+        torch.testing.assert_close(y, x * g)
+
+
 def test_noise_level_and_patches():
     x = torch.zeros(64, 64, dtype=torch.complex64)
     y = A.add_noise(x, 0.1, np.random.default_rng(0))
