@@ -19,11 +19,12 @@ prewhitening, maps), so data consistency knows the noise level it must fit to.
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
+from .adaptation import ADAPT_PARAMS, adapted_prior
 from .data_consistency import CLIP_MODES, DC_MODES, DiffusionDataConsistency, MeasurementOperator
 from .mri.coils import prepare_slice
 from .mri.fftc import channels_to_complex, complex_to_channels
@@ -59,6 +60,11 @@ class ReconOptions:
         clip_value: the bound, in normalized units.
         eta: DDIM eta.
         seed: seed of the sampling noise (global torch RNG inside a forked RNG state).
+        adapt_steps: test-time adaptation of the prior to the scan (improved_diffusion.adaptation): at most
+            this many Adam steps on the data misfit of x̂0, after a first one-sample pass; 0 = off.
+        adapt_lr: its learning rate.
+        adapt_params: which parameters adapt: ``norm`` (GroupNorm scales/shifts), ``out`` (output block) or
+            ``norm,out``.
     """
 
     dc: str = "project"
@@ -74,6 +80,9 @@ class ReconOptions:
     clip_value: float = 1.0
     eta: float = 1.0
     seed: int = 0
+    adapt_steps: int = 0
+    adapt_lr: float = 1e-3
+    adapt_params: str = "norm"
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
@@ -93,6 +102,16 @@ class ReconOptions:
             raise ValueError("cg_tol must be > 0 and cg_iters >= 1")
         if not self.clip_value > 0:
             raise ValueError(f"clip_value must be > 0, got {self.clip_value}")
+        if self.adapt_steps < 0 or not self.adapt_lr > 0:
+            raise ValueError("adapt_steps must be >= 0 and adapt_lr > 0")
+        parts = self.adapt_parts
+        if not parts or any(p not in ADAPT_PARAMS for p in parts):
+            raise ValueError(f"adapt_params: a comma list of {ADAPT_PARAMS}, got {self.adapt_params!r}")
+
+    @property
+    def adapt_parts(self) -> Tuple[str, ...]:
+        """``adapt_params`` as a tuple of names."""
+        return tuple(p.strip() for p in str(self.adapt_params).split(",") if p.strip())
 
 
 @dataclass
@@ -252,41 +271,65 @@ def reconstruct_slice(
     h, w = op.image_shape
     counter = _CountingModel(model)
     batch = options.batch_size or options.num_samples
-    samples = []
     fork_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(options.seed)
-        done = 0
-        while done < options.num_samples:
-            n = min(batch, options.num_samples - done)
-            shape = (n, 2, h, w)
-            if start_t == diffusion.num_timesteps - 1:
-                noise = torch.randn(*shape, device=device)  # the full chain, from pure noise
-            else:
-                x_init = complex_to_channels(zero_filled).expand(shape)
-                t = torch.full((n,), start_t, device=device, dtype=torch.long)
-                noise = diffusion.q_sample(x_init, t)
-            loop = diffusion.ddim_sample_loop if options.sampler == "ddim" else diffusion.p_sample_loop
-            extra = {"eta": options.eta} if options.sampler == "ddim" else {}
-            out = loop(
-                counter,
-                shape,
-                noise=noise,
-                clip_denoised=False,  # bounding is done by dc.denoised_fn, before the projection
-                denoised_fn=dc.denoised_fn,
-                device=device,
-                progress=False,
-                start_t=start_t,
-                step_fn=dc.step_fn,
-                **extra,
-            )
-            x = channels_to_complex(out.float())
-            if options.final_dc:
-                x, _ = dc.final(x)
-            samples.append(x)
-            done += n
+
+    def draw(num: int, seed: int) -> torch.Tensor:
+        """``num`` posterior samples ``(num, H, W)``, normalized units."""
+        samples = []
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            done = 0
+            while done < num:
+                n = min(batch, num - done)
+                shape = (n, 2, h, w)
+                if start_t == diffusion.num_timesteps - 1:
+                    noise = torch.randn(*shape, device=device)  # the full chain, from pure noise
+                else:
+                    x_init = complex_to_channels(zero_filled).expand(shape)
+                    t = torch.full((n,), start_t, device=device, dtype=torch.long)
+                    noise = diffusion.q_sample(x_init, t)
+                loop = diffusion.ddim_sample_loop if options.sampler == "ddim" else diffusion.p_sample_loop
+                extra = {"eta": options.eta} if options.sampler == "ddim" else {}
+                out = loop(
+                    counter,
+                    shape,
+                    noise=noise,
+                    clip_denoised=False,  # bounding is done by dc.denoised_fn, before the projection
+                    denoised_fn=dc.denoised_fn,
+                    device=device,
+                    progress=False,
+                    start_t=start_t,
+                    step_fn=dc.step_fn,
+                    **extra,
+                )
+                x = channels_to_complex(out.float())
+                if options.final_dc:
+                    x, _ = dc.final(x)
+                samples.append(x)
+                done += n
+        return torch.cat(samples)
+
+    if options.adapt_steps:
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError("test-time adaptation (adapt_steps > 0) needs a torch.nn.Module model")
+        x_ref = draw(1, options.seed + 1)[0]  # first pass: the unadapted prior's reconstruction
+        counter.calls = 0  # nfe counts the sampling of the returned samples
+        adapt = adapted_prior(
+            model,
+            diffusion,
+            op,
+            x_ref,
+            options.adapt_steps,
+            start_t,
+            lr=options.adapt_lr,
+            parts=options.adapt_parts,
+            seed=options.seed,
+        )
+        with adapt:
+            x = draw(options.num_samples, options.seed)
+    else:
+        x = draw(options.num_samples, options.seed)
     num_chunks = math.ceil(options.num_samples / batch)
-    x = torch.cat(samples)
     intensity = torch.from_numpy(data.intensity).to(device)
     mean = x.mean(dim=0)
     magnitudes = x.abs() * intensity

@@ -77,6 +77,10 @@ def sample_defaults() -> Dict[str, Any]:
         final_dc=recon.final_dc,
         clip=recon.clip,
         clip_value=recon.clip_value,
+        # test-time adaptation of the prior (off by default)
+        adapt_steps=recon.adapt_steps,
+        adapt_lr=recon.adapt_lr,
+        adapt_params=recon.adapt_params,
         # outputs
         overwrite=False,
         png=True,
@@ -190,6 +194,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             clip=args.clip,
             clip_value=args.clip_value,
             eta=args.eta,
+            adapt_steps=args.adapt_steps,
+            adapt_lr=args.adapt_lr,
+            adapt_params=args.adapt_params,
         )
         options.validate()
         model, diffusion, config = load_model(args.model_path, args.timestep_respacing, dist_util.dev())
