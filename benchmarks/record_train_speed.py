@@ -22,6 +22,9 @@ import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+from improved_diffusion.script_util import HelpFormatter  # noqa: E402
+
 TRAIN_SPEED = os.path.join(REPO_ROOT, "benchmarks", "train_speed.py")
 
 COLUMNS = [
@@ -109,16 +112,30 @@ def update_csv(path: str, row: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def create_argparser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument(
+        "--name", type=str, default="demo_cpu", help="row name in the CSV (an existing row is replaced)"
+    )
+    p.add_argument(
+        "--config",
+        type=str,
+        default="",
+        help="training config.json (or its log dir) for the model flags ('' = train_speed.py's defaults)",
+    )
+    p.add_argument(
+        "--out", type=str, default=os.path.join(REPO_ROOT, "results", "train_speed.csv"), help="the CSV"
+    )
+    return p
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough: List[str] = []
     if "--" in argv:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1 :]
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", default="demo_cpu", help="row name in the CSV (an existing row is replaced)")
-    p.add_argument("--config", default="", help="training config.json (or its log dir) for the model flags")
-    p.add_argument("--out", default=os.path.join(REPO_ROOT, "results", "train_speed.csv"))
+    p = create_argparser()
     args = p.parse_args(argv)
     if not args.name or "," in args.name:
         p.error("--name must be non-empty and without commas")

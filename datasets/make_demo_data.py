@@ -75,6 +75,7 @@ except ImportError:  # imported from elsewhere than this folder
 
 from improved_diffusion.fastmri_data import scale_from_kspace, slice_to_image
 from improved_diffusion.mri.fftc import fft2c, ifft2c
+from improved_diffusion.script_util import HelpFormatter
 
 FOV = 240  # mm: zero-padded 1 mm grid that holds the whole head (233 mm front to back)
 BRAIN_AREA_FRACTION = 0.3  # a slice counts as brain when its area is >= 30% of the largest slice's
@@ -644,25 +645,29 @@ def folder_size_mb(path: str) -> float:
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", default="demo_data")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--output_dir", type=str, default="demo_data", help="output folder (<kind>_train/, _val/)")
     p.add_argument("--size", type=int, default=128, help="matrix size (FOV 240 mm)")
-    p.add_argument("--slices_per_volume", type=int, default=10)
-    p.add_argument("--train_volumes", type=int, default=6)
-    p.add_argument("--val_volumes", type=int, default=2)
-    p.add_argument("--coils", type=int, default=8)
+    p.add_argument("--slices_per_volume", type=int, default=10, help="slices per file")
+    p.add_argument("--train_volumes", type=int, default=6, help="training files per kind")
+    p.add_argument("--val_volumes", type=int, default=2, help="validation files per kind")
+    p.add_argument("--coils", type=int, default=8, help="coils of the multi-coil files")
     p.add_argument("--noise", type=float, default=0.01, help="complex noise std (template max = 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kinds", default="singlecoil,multicoil", help="comma list of singlecoil, multicoil")
+    p.add_argument("--seed", type=int, default=0, help="seed of phases, coil maps and noise")
+    p.add_argument(
+        "--kinds", type=str, default="singlecoil,multicoil", help="comma list of singlecoil, multicoil"
+    )
     p.add_argument("--tiny", action="store_true", help="32x32, 2 slices, 2 train + 1 val volumes (tests)")
     p.add_argument(
         "--contrasts",
+        type=str,
         default="",
         help="also build <kind>_synth_train/ with these synthesized contrasts: comma list of "
-        f"{', '.join(CONTRAST_RANGES)} (default: none)",
+        f"{', '.join(CONTRAST_RANGES)} ('' = none)",
     )
     p.add_argument(
         "--orientations",
+        type=str,
         default=",".join(ORIENTATIONS),
         help="orientations of the synthesized slices (with --contrasts)",
     )
@@ -674,6 +679,7 @@ def create_argparser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--synth_holdout",
+        type=str,
         default="slab",
         choices=SYNTH_HOLDOUTS,
         help="coronal/sagittal: 'slab' keeps every voxel away from the validation slices (partial slices), "

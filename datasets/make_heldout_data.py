@@ -52,6 +52,7 @@ except ImportError:  # imported from elsewhere than this folder
     from make_demo_data import FOV, folder_size_mb, ismrmrd_header, simulate_kspace, smooth_phase
 
 from improved_diffusion.mri.fftc import ifft2c
+from improved_diffusion.script_util import HelpFormatter
 
 SIZE = 128  # output matrix (the demo size)
 FOV_MARGIN = 1.2  # square field of view = 1.2 x the head's largest extent (at least SIZE source pixels)
@@ -440,30 +441,30 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    p = _OneLineParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", default="heldout_data", help="output folder (default heldout_data)")
+    p = _OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--output_dir", type=str, default="heldout_data", help="output folder")
     p.add_argument(
         "--sigmas",
         type=_floats,
         default=list(DEFAULT_SIGMAS),
-        help="multi-coil noise levels, comma list: sigma = level x max|k| of the volume "
-        "(default 0.001,0.002,0.005)",
+        help="multi-coil noise levels, comma list: sigma = level x max|k| of the volume",
     )
     p.add_argument(
-        "--coils", type=_ints, default=list(DEFAULT_COILS), help="multi-coil coil counts (default 8,15)"
+        "--coils", type=_ints, default=list(DEFAULT_COILS), help="multi-coil coil counts, comma list"
     )
     p.add_argument(
         "--singlecoil_sigmas",
         type=_floats,
         default=list(DEFAULT_SINGLECOIL_SIGMAS),
-        help="single-coil noise levels, comma list; empty string for none (default 0.002)",
+        help="single-coil noise levels, comma list; empty string for none",
     )
     p.add_argument(
-        "--max_volumes", type=int, default=None, help=f"only the first N of the {len(VOLUMES)} volumes"
+        "--max_volumes",
+        type=int,
+        default=None,
+        help=f"only the first N of the {len(VOLUMES)} volumes (None: all)",
     )
-    p.add_argument(
-        "--max_slices", type=int, default=6, help="at most N evenly spaced slices per volume (default 6)"
-    )
+    p.add_argument("--max_slices", type=int, default=6, help="at most N evenly spaced slices per volume")
     p.add_argument("--all_slices", action="store_true", help="every source slice (overrides --max_slices)")
     p.add_argument("--noise_samples", type=int, default=1024, help="pure-noise samples per coil in 'noise'")
     p.add_argument("--seed", type=int, default=0, help="seed of phases, coil noise covariances and noise")

@@ -26,10 +26,12 @@ import numpy as np
 try:
     from improved_diffusion.fastmri_data import BadFileError, check_file, list_h5_files
     from improved_diffusion.mri.espirit import estimate_sens_maps
+    from improved_diffusion.script_util import HelpFormatter
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from improved_diffusion.fastmri_data import BadFileError, check_file, list_h5_files
     from improved_diffusion.mri.espirit import estimate_sens_maps
+    from improved_diffusion.script_util import HelpFormatter
 
 MAPS_KEY = "sens_maps"
 # Fully sampled training data: a 48 x 48 calibration square is plenty, and the whole k-space would make
@@ -209,9 +211,13 @@ def run(
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input_dir", required=True, help="folder of fastMRI .h5 files (searched recursively)")
-    p.add_argument("--output_dir", required=True, help="where the files with sens_maps go (same names)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument(
+        "--input_dir", type=str, required=True, help="folder of fastMRI .h5 files (searched recursively)"
+    )
+    p.add_argument(
+        "--output_dir", type=str, required=True, help="where the files with sens_maps go (same names)"
+    )
     p.add_argument(
         "--max_calib",
         type=int,
@@ -228,12 +234,24 @@ def create_argparser() -> argparse.ArgumentParser:
         "--crop", type=float, default=ESPIRIT_DEFAULTS["crop"], help="eigenvalue threshold of the maps"
     )
     p.add_argument(
-        "--device", default=None, help="torch device for ESPIRiT, e.g. cuda:0 (default: cuda if seen)"
+        "--device", type=str, default=None, help="torch device for ESPIRiT, e.g. cuda:0 (None: cuda if seen)"
     )
     p.add_argument("--workers", type=int, default=1, help="processes per rank")
-    p.add_argument("--single_coil", choices=("copy", "link", "skip"), default="copy")
-    p.add_argument("--compression", choices=("none", "gzip", "lzf"), default="none", help="for sens_maps")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument(
+        "--single_coil",
+        type=str,
+        choices=("copy", "link", "skip"),
+        default="copy",
+        help="single-coil files (no maps needed): copy them, symlink them, or leave them out",
+    )
+    p.add_argument(
+        "--compression",
+        type=str,
+        choices=("none", "gzip", "lzf"),
+        default="none",
+        help="h5 compression of the written sens_maps",
+    )
+    p.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     return p
 
 

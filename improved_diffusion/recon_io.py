@@ -21,14 +21,19 @@ Outputs per input file, same file name, in the output folder (all written atomic
   (slices, H, W) complex64 on the full grid, ``mask``; attrs describe the method and the run, with per
   slice ``noise_std`` (complex std of a whitened k-space sample), ``noise_residual_ratio``
   (``‖A x − y‖ / (noise_std sqrt(N))``, about 1 when the output fits the data to the noise level) and
-  ``calib_misfit`` (how well the maps explain the calibration data, 1 = to the noise level);
+  ``calib_misfit`` (how well the maps explain the calibration data, 1 = to the noise level), for the
+  diffusion ``start_step`` (the base-chain step the reverse chain started at), and ``options_hash``: a short
+  hash of everything that affects the result (method, checkpoint, sampling and DC options, mask spec,
+  ``--noise_std``). An existing output with the same hash is skipped; one with another hash (or none) is
+  redone, with one line saying so; ``--overwrite`` redoes every file;
 * ``png/<stem>_sliceNNN.png`` previews: zero-filled | reconstruction | target | |error| | std;
 * ``metrics/<stem>.csv`` per-slice and per-volume NMSE/PSNR/SSIM against the target, and a summary
-  ``metrics.csv`` over all volumes in the folder.
+  ``metrics.csv`` of the volume rows of this run's input files (written now or skipped as up to date).
 """
 
 import csv
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -50,7 +55,25 @@ MASK_KEY = "mask"
 MAPS_KEY = "sens_maps"
 NOISE_KEY = "noise"
 TARGET_KEYS = {True: "reconstruction_rss", False: "reconstruction_esc"}  # by multicoil
-METRIC_FIELDS = ("file", "slice", "target", "nmse", "psnr", "ssim", "noise_residual_ratio")
+METRIC_FIELDS = ("file", "slice", "target", "nmse", "psnr", "ssim", "noise_residual_ratio", "start_step")
+
+
+# The flags that scripts/image_sample.py and scripts/baseline_recon.py share: one help text for both.
+RUN_FLAG_HELP: Dict[str, str] = {
+    "output_dir": "output folder: <name>.h5 per input, png/, metrics/ and metrics.csv (created)",
+    "mask_type": "retrospective mask of fully sampled inputs (inputs with a 'mask' keep theirs)",
+    "center_fractions": "fastMRI centre fractions, comma list, one per acceleration",
+    "accelerations": "nominal accelerations, comma list (one is drawn per volume when several)",
+    "seed": "mask seed; -1 = fastMRI's per-file seed from the file name",
+    "noise_std": "complex noise std of one k-space sample; 0 = noiseless; -1 = the file's noise scan, "
+    "else estimated from the data",
+    "overwrite": "redo every output, even one made with the same options (other options always redo)",
+    "png": "write png/ previews (zero-filled | recon | target | error | std)",
+    "max_png_per_file": "at most this many previews per volume (evenly spaced slices)",
+    "progress": "tqdm progress bar over slices",
+}
+RUN_FLAG_CHOICES: Dict[str, Sequence[Any]] = {"mask_type": MASK_TYPES}
+INPUT_HELP = "h5 files and/or folders of h5 files (searched recursively)"
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -415,27 +438,24 @@ def write_preview_png(path: str, panels: Sequence[Tuple[str, Optional[np.ndarray
 
 
 def metric_rows(
-    name: str, target: np.ndarray, recon: np.ndarray, target_key: str, noise_ratio: Sequence[float]
+    name: str,
+    target: np.ndarray,
+    recon: np.ndarray,
+    target_key: str,
+    noise_ratio: Sequence[float],
+    start_step: Any = "",
 ) -> List[Dict[str, Any]]:
     """Per-slice rows and one ``volume`` row of NMSE/PSNR/SSIM (fastMRI's: data range = volume max), with
-    each slice's ``noise_residual_ratio`` (the volume row: their mean)."""
+    each slice's ``noise_residual_ratio`` (the volume row: their mean) and the diffusion's base
+    ``start_step`` ("" for the baselines)."""
     maxval = float(target.max())
+    common = {"file": name, "target": target_key, "start_step": start_step}
     rows = []
     for i in range(target.shape[0]):
         m = mri_metrics.volume_metrics(target[i : i + 1], recon[i : i + 1], maxval=maxval)
-        rows.append(
-            {"file": name, "slice": i, "target": target_key, **m, "noise_residual_ratio": noise_ratio[i]}
-        )
+        rows.append({**common, "slice": i, **m, "noise_residual_ratio": noise_ratio[i]})
     m = mri_metrics.volume_metrics(target, recon)
-    rows.append(
-        {
-            "file": name,
-            "slice": "volume",
-            "target": target_key,
-            **m,
-            "noise_residual_ratio": _nanmean(noise_ratio),
-        }
-    )
+    rows.append({**common, "slice": "volume", **m, "noise_residual_ratio": _nanmean(noise_ratio)})
     return rows
 
 
@@ -444,15 +464,14 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
-def write_metrics_summary(output_dir: str) -> Optional[str]:
-    """Collect the volume rows of ``metrics/*.csv`` into ``metrics.csv`` (returns its path, or None)."""
-    folder = os.path.join(output_dir, "metrics")
-    if not os.path.isdir(folder):
-        return None
+def write_metrics_summary(output_dir: str, names: Sequence[str]) -> Optional[str]:
+    """Collect the volume rows of ``metrics/<stem>.csv`` of the volumes ``names`` (this run's files, not
+    whatever else the folder holds) into ``metrics.csv``; returns its path, or None without any rows."""
     rows = []
-    for fname in sorted(os.listdir(folder)):
-        if fname.endswith(".csv"):
-            rows.extend(r for r in read_csv(os.path.join(folder, fname)) if r["slice"] == "volume")
+    for name in sorted(names):
+        path = os.path.join(output_dir, "metrics", os.path.splitext(name)[0] + ".csv")
+        if os.path.isfile(path):
+            rows.extend(r for r in read_csv(path) if r["slice"] == "volume")
     if not rows:
         return None
     path = os.path.join(output_dir, "metrics.csv")
@@ -501,19 +520,50 @@ class SliceOutput:
     noise_source: str = ""
     noise_ratio: float = float("nan")
     calib_misfit: float = float("nan")
+    start_step: int = -1  # the diffusion's base start step; -1 for the baselines
 
 
 @dataclass
 class RunResult:
-    """What :func:`run_files` did: written outputs, skipped ones, and per-volume summaries."""
+    """What :func:`run_files` did: written outputs, skipped ones (up to date), redone ones (their options
+    had changed), and per-volume summaries."""
 
     written: List[str] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
+    redone: List[str] = field(default_factory=list)
     summaries: List[Dict[str, Any]] = field(default_factory=list)
 
 
 def output_path(output_dir: str, volume_name: str) -> str:
     return os.path.join(output_dir, volume_name)
+
+
+def options_hash(method_attrs: Dict[str, Any], spec: MaskSpec, noise_std: Optional[float]) -> str:
+    """12 hex digits of SHA-256 over everything that affects an output: the method and its options
+    (``method_attrs``: checkpoint, sampler, DC, seeds, ...), the mask spec and the ``--noise_std``
+    override."""
+    payload = {
+        "method": {k: method_attrs[k] for k in sorted(method_attrs)},
+        "mask": {
+            "mask_type": spec.mask_type,
+            "center_fractions": [float(c) for c in spec.center_fractions],
+            "accelerations": [float(a) for a in spec.accelerations],
+            "seed": spec.seed,
+        },
+        "noise_std": noise_std,
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def stored_options_hash(path: str) -> Optional[str]:
+    """The ``options_hash`` attr of an existing output, or None (missing, unreadable or older file)."""
+    try:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get("options_hash")
+    except OSError:
+        return None
+    return None if value is None else str(value)
 
 
 def seed_for_slice(seed: int, fname: str, slice_idx: int) -> int:
@@ -538,7 +588,9 @@ def run_files(
 
     Every file is validated first (all bad files are reported, one line each, before any work). Slices of
     a file are sharded over the ranks (slice i on rank i % world_size) and gathered on rank 0, which
-    writes the outputs; files whose output exists are skipped unless ``overwrite``.
+    writes the outputs. A file whose output exists with the same :func:`options_hash` is skipped; with
+    another hash (other options, or a file from before the hash) it is redone and one line says so;
+    ``overwrite`` redoes every file.
 
     Args:
         paths: input h5 files.
@@ -547,7 +599,7 @@ def run_files(
         reconstruct: ``reconstruct(volume, slice_idx, SliceInput) -> SliceOutput``; a ValueError it raises
             is reported as ``<file>: slice <i>: <message>``.
         method_attrs: attrs written to each output h5 (``method`` and its options).
-        overwrite: redo files whose output exists.
+        overwrite: redo files whose output exists, even with the same options.
         noise_std: complex noise std overriding the files' noise scans and the estimate (None: not given).
         png, max_png_per_file: previews (evenly spaced slices, at most this many per file).
         progress: tqdm bar over slices on rank 0.
@@ -568,10 +620,24 @@ def run_files(
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise BadFileError(f"{', '.join(dupes)}: several inputs share this file name (outputs would collide)")
+    run_hash = options_hash(method_attrs, spec, noise_std)
+    method_attrs = {**method_attrs, "options_hash": run_hash}
     # Rank 0 decides what to skip, so ranks agree even while rank 0 is writing.
-    pending = [v.name for v in volumes if overwrite or not os.path.exists(output_path(output_dir, v.name))]
-    pending = dist_util.broadcast_object(pending)
-    result = RunResult(skipped=[v.name for v in volumes if v.name not in pending])
+    pending, redone = [], []
+    if rank == 0:
+        for v in volumes:
+            out_path = output_path(output_dir, v.name)
+            if overwrite or not os.path.exists(out_path):
+                pending.append(v.name)
+            elif stored_options_hash(out_path) != run_hash:
+                pending.append(v.name)
+                redone.append(v.name)
+                old = stored_options_hash(out_path) or "none"
+                print(
+                    f"redoing {v.name}: {out_path} was made with other options (hash {old}, now {run_hash})"
+                )
+    pending, redone = dist_util.broadcast_object((pending, redone))
+    result = RunResult(skipped=[v.name for v in volumes if v.name not in pending], redone=redone)
     todo = [v for v in volumes if v.name in pending]
     total = sum(len(range(rank, v.num_slices, world)) for v in todo)
     bar = None
@@ -617,8 +683,8 @@ def run_files(
             result.written.append(output_path(output_dir, volume.name))
     if bar is not None:
         bar.close()
-    if rank == 0 and todo:
-        write_metrics_summary(output_dir)
+    if rank == 0:
+        write_metrics_summary(output_dir, names)
     dist_util.barrier()
     return result
 
@@ -642,7 +708,10 @@ def _write_volume(
     nfe = int(max(outputs[i].nfe for i in order))
     residual = float(np.nanmean([outputs[i].residual for i in order]))
     noise_ratio = np.array([outputs[i].noise_ratio for i in order], dtype=np.float64)
+    start_step = int(outputs[0].start_step)
     attrs = dict(method_attrs)
+    if start_step >= 0:
+        attrs["start_step"] = start_step
     attrs.update(
         mask_type=volume.mask_type,
         acceleration=volume.acceleration,
@@ -669,7 +738,9 @@ def _write_volume(
         "noise_residual_ratio": _nanmean(noise_ratio),
     }
     if target is not None:
-        rows = metric_rows(volume.name, target, recon, volume.target_key, noise_ratio)
+        rows = metric_rows(
+            volume.name, target, recon, volume.target_key, noise_ratio, start_step if start_step >= 0 else ""
+        )
         write_csv(os.path.join(output_dir, "metrics", stem + ".csv"), rows, METRIC_FIELDS)
         summary.update({k: rows[-1][k] for k in ("nmse", "psnr", "ssim")}, target=volume.target_key)
     if png and max_png_per_file > 0:
@@ -700,7 +771,7 @@ def report_error(err: BaseException) -> int:
 def print_report(result: RunResult, output_dir: str, label: str) -> None:
     """One line per written volume (seconds per slice, NFE, data residual, metrics vs which target)."""
     for name in result.skipped:
-        print(f"skipped {name}: output exists in {output_dir} (use --overwrite True to redo)")
+        print(f"skipped {name}: up-to-date output in {output_dir} (same options; --overwrite True redoes it)")
     for s in result.summaries:
         line = (
             f"{s['file']}: {label}, {s['seconds_per_slice']:.2f} s/slice"

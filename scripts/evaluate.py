@@ -24,21 +24,29 @@ import numpy as np
 from improved_diffusion.fastmri_data import BadFileError
 from improved_diffusion.mri.metrics import volume_metrics
 from improved_diffusion.recon_io import TARGET_KEYS, center_crop_np, report_error, write_csv
+from improved_diffusion.script_util import HelpFormatter
 
 METRICS = ("nmse", "psnr", "ssim")
 CSV_FIELDS = ("method", "predictions_dir", "file", "target", "nmse", "psnr", "ssim")
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--predictions_dir", nargs="+", required=True, help="one or more folders of outputs")
-    parser.add_argument("--targets_dir", required=True, help="folder with the target h5 files (same names)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument(
-        "--target_key", default="", help="target dataset; empty: multi-coil files rss, single-coil esc"
+        "--predictions_dir", nargs="+", type=str, required=True, help="one or more folders of outputs"
     )
-    parser.add_argument("--output_csv", default="", help="per-volume rows plus mean/std rows per folder")
+    parser.add_argument(
+        "--targets_dir", type=str, required=True, help="folder with the target h5 files (same names)"
+    )
+    parser.add_argument(
+        "--target_key",
+        type=str,
+        default="",
+        help="target dataset; '' = multi-coil files reconstruction_rss, single-coil reconstruction_esc",
+    )
+    parser.add_argument(
+        "--output_csv", type=str, default="", help="per-volume rows plus mean/std rows per folder ('' = none)"
+    )
     return parser
 
 

@@ -1,7 +1,8 @@
 """Draw unconditional samples from a trained prior, to see what it has learned (upstream's image_sample.py).
 
 Model and diffusion options come from the checkpoint's config.json, never from flags (the same
-``load_model`` as scripts/image_sample.py); only sampling options are flags. Writes to ``--output_dir``:
+``improved_diffusion.load_model`` as scripts/image_sample.py); only sampling options are flags. Writes to
+``--output_dir``:
 
 * ``samples.npz``: ``arr_0`` (N, H, W, 2) float32, the complex samples as (real, imaginary) in the last axis
   (upstream's NHWC layout, in the normalized units the model was trained on: image / scale), and
@@ -21,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 import sys
 import time
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -29,14 +29,14 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-try:
-    from image_sample import DEMO_MODEL, check_model_flags, load_model
-except ImportError:  # imported from elsewhere than this folder (tests)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from image_sample import DEMO_MODEL, check_model_flags, load_model
-
+from improved_diffusion.inference import DEMO_MODEL, load_model
 from improved_diffusion.mri.fftc import channels_to_complex
-from improved_diffusion.script_util import add_dict_to_argparser, downsampling_factor
+from improved_diffusion.script_util import (
+    HelpFormatter,
+    add_dict_to_argparser,
+    check_model_flags,
+    downsampling_factor,
+)
 
 
 def sample_defaults() -> Dict[str, Any]:
@@ -77,10 +77,10 @@ SAMPLE_HELP = {
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    add_dict_to_argparser(
+        parser, sample_defaults(), help_texts=SAMPLE_HELP, choices={"device": ("auto", "cpu", "cuda")}
     )
-    add_dict_to_argparser(parser, sample_defaults(), help_texts=SAMPLE_HELP)
     return parser
 
 
@@ -144,21 +144,6 @@ def _atomic(path: str, write) -> None:
             os.remove(tmp)
 
 
-def _load(model_path: str, respacing: str, device: torch.device):
-    """load_model with every way a checkpoint can be unusable turned into one ValueError line."""
-    if not model_path:
-        raise ValueError("--model_path is required (a checkpoint .pt with config.json beside it)")
-    if not os.path.isfile(model_path):
-        raise ValueError(f"--model_path {model_path}: no such file")
-    try:
-        return load_model(model_path, respacing, device)
-    except (ValueError, FileNotFoundError) as err:
-        raise ValueError(str(err).strip().splitlines()[0]) from None
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{model_path}: cannot load the checkpoint: {first}") from None
-
-
 def draw_samples(
     model,
     diffusion,
@@ -213,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.eta < 0:
             raise ValueError(f"--eta must be >= 0, got {args.eta}")
         device = pick_device(args.device)
-        model, diffusion, config = _load(args.model_path, args.timestep_respacing, device)
+        model, diffusion, config = load_model(args.model_path, args.timestep_respacing, device)
         check_model_flags(unknown, config, args.model_path)  # model flags: only ones that agree
         shape = parse_sample_size(args.sample_size, config["image_size"])
         factor = downsampling_factor(config)
