@@ -53,6 +53,11 @@ import recon_report  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+from improved_diffusion.io_util import (  # noqa: E402
+    atomic_write,
+    atomic_write_text,
+    list_h5_files,  # noqa: E402
+)
 from improved_diffusion.reconstruction import DEFAULT_T0  # noqa: E402
 from improved_diffusion.script_util import HelpFormatter  # noqa: E402
 
@@ -192,7 +197,7 @@ def list_h5(folder: str) -> List[str]:
     """Sorted .h5 files directly in ``folder``."""
     if not os.path.isdir(folder):
         raise ValueError(f"data folder {folder}: not found")
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith((".h5", ".hdf5")))
+    files = list_h5_files(folder, recursive=False)
     if not files:
         raise ValueError(f"data folder {folder}: no .h5 files")
     return files
@@ -218,19 +223,21 @@ def subset_file(src: str, dst: str, max_slices: int, drop_keys: Sequence[str] = 
             raise ValueError(f"{src}: missing key 'kspace'")
         n = fin["kspace"].shape[0]
         keep = central_slices(n, max_slices)
-        tmp = dst + ".tmp"
-        with h5py.File(tmp, "w") as fout:
-            for key, ds in fin.items():
-                if not isinstance(ds, h5py.Dataset) or key in drop_keys:
-                    continue
-                per_slice = key != "mask" and ds.ndim >= 3 and ds.shape[0] == n
-                data = ds[keep.start : keep.stop] if per_slice else ds[()]
-                fout.create_dataset(key, data=data)
-                for k, v in ds.attrs.items():
-                    fout[key].attrs[k] = v
-            for k, v in fin.attrs.items():
-                fout.attrs[k] = v
-    os.replace(tmp, dst)
+
+        def write(tmp: str) -> None:
+            with h5py.File(tmp, "w") as fout:
+                for key, ds in fin.items():
+                    if not isinstance(ds, h5py.Dataset) or key in drop_keys:
+                        continue
+                    per_slice = key != "mask" and ds.ndim >= 3 and ds.shape[0] == n
+                    data = ds[keep.start : keep.stop] if per_slice else ds[()]
+                    fout.create_dataset(key, data=data)
+                    for k, v in ds.attrs.items():
+                        fout[key].attrs[k] = v
+                for k, v in fin.attrs.items():
+                    fout.attrs[k] = v
+
+        atomic_write(dst, write)
 
 
 def _has_key(path: str, key: str) -> bool:
@@ -394,10 +401,7 @@ def run_method(
         )
     summary = score_outputs(out_dir, input_dir, coil)
     summary.update(signature=signature, wall_seconds=time.time() - start, command=cmd[1:])
-    tmp = summary_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, summary_path)
+    atomic_write_text(summary_path, json.dumps(summary, indent=1))
     return summary
 
 
@@ -519,11 +523,7 @@ def data_info(input_dirs: Dict[str, str]) -> Dict[str, Any]:
 
 
 def write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def figure_data(
@@ -799,13 +799,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _write_per_volume(rows: List[Dict[str, Any]], path: str) -> None:
     fields = ["method", "coil", "acceleration", "file", "num_slices", "nmse", "psnr", "ssim"]
     fields += ["seconds_per_slice", "nfe", "num_samples"]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+from improved_diffusion.io_util import atomic_write  # noqa: E402
 from improved_diffusion.script_util import HelpFormatter  # noqa: E402
 
 TRAIN_SPEED = os.path.join(REPO_ROOT, "benchmarks", "train_speed.py")
@@ -102,14 +103,14 @@ def update_csv(path: str, row: Dict[str, Any]) -> None:
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("name") != row["name"]]
     rows.append(row)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def create_argparser() -> argparse.ArgumentParser:

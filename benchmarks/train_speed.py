@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from improved_diffusion import logger
+from improved_diffusion.io_util import atomic_write_text
 from improved_diffusion.script_util import (
     MODEL_AND_DIFFUSION_CHOICES,
     MODEL_AND_DIFFUSION_HELP,
@@ -328,9 +329,7 @@ def main(argv=None) -> Dict[str, Any]:
         print(table)
         result["profile"] = table
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)
+        atomic_write_text(args.json, json.dumps(result, indent=2))
     return result
 
 

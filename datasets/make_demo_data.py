@@ -74,6 +74,7 @@ except ImportError:  # imported from elsewhere than this folder
     import prepare_fastmri
 
 from improved_diffusion.fastmri_data import scale_from_kspace, slice_to_image
+from improved_diffusion.io_util import atomic_write, atomic_write_text
 from improved_diffusion.mri.fftc import fft2c, ifft2c
 from improved_diffusion.script_util import HelpFormatter
 
@@ -394,25 +395,27 @@ def write_slices(
     else:
         target_key, target = "reconstruction_rss", np.sqrt((np.abs(coil_images) ** 2).sum(axis=1))
     target = target.astype(np.float32)
-    tmp = f"{path}.{os.getpid()}.tmp"
     # gzip with byte shuffling: noisy k-space barely compresses, the maps (zero outside the head) halve.
     packed = dict(compression="gzip", shuffle=True)
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("kspace", data=kspace, chunks=(1, *kspace.shape[1:]), **packed)
-        f.create_dataset(target_key, data=target, chunks=(1, *target.shape[1:]), **packed)
-        f["ismrmrd_header"] = ismrmrd_header(size)
-        f.attrs["acquisition"] = acquisition
-        f.attrs["max"] = float(target.max())
-        f.attrs["norm"] = float(np.linalg.norm(target))
-        f.attrs["patient_id"] = patient_id
-        f.attrs["source"] = source
-        for key, value in (attrs or {}).items():
-            f.attrs[key] = value
-        f.attrs["noise_std"] = noise
-        f.attrs["fov_mm"] = FOV
-    if coil_maps is not None:
-        prepare_fastmri.add_sens_maps(tmp, compression="gzip", **espirit_kwargs)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("kspace", data=kspace, chunks=(1, *kspace.shape[1:]), **packed)
+            f.create_dataset(target_key, data=target, chunks=(1, *target.shape[1:]), **packed)
+            f["ismrmrd_header"] = ismrmrd_header(size)
+            f.attrs["acquisition"] = acquisition
+            f.attrs["max"] = float(target.max())
+            f.attrs["norm"] = float(np.linalg.norm(target))
+            f.attrs["patient_id"] = patient_id
+            f.attrs["source"] = source
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value
+            f.attrs["noise_std"] = noise
+            f.attrs["fov_mm"] = FOV
+        if coil_maps is not None:
+            prepare_fastmri.add_sens_maps(tmp, compression="gzip", **espirit_kwargs)
+
+    atomic_write(path, write)
 
 
 def build(
@@ -519,10 +522,7 @@ def build(
             espirit_kwargs=espirit_kwargs,
             log=log,
         )
-    tmp = os.path.join(output_dir, f"manifest.json.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(output_dir, "manifest.json"))
+    atomic_write_text(os.path.join(output_dir, "manifest.json"), json.dumps(manifest, indent=1))
     return manifest
 
 

@@ -51,6 +51,7 @@ except ImportError:  # imported from elsewhere than this folder
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from make_demo_data import FOV, folder_size_mb, ismrmrd_header, simulate_kspace, smooth_phase
 
+from improved_diffusion.io_util import atomic_write, atomic_write_text
 from improved_diffusion.mri.fftc import ifft2c
 from improved_diffusion.script_util import HelpFormatter
 
@@ -291,20 +292,22 @@ def target_from_kspace(clean: np.ndarray) -> Tuple[str, np.ndarray]:
 def write_file(
     path: str, kspace: np.ndarray, target_key: str, target: np.ndarray, scan: np.ndarray, attrs: Dict
 ):
-    """One fastMRI-format file, written as ``<path>.<pid>.tmp`` and renamed."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    """One fastMRI-format file, written atomically (:func:`improved_diffusion.io_util.atomic_write`)."""
     # gzip level 1 with byte shuffling: noisy k-space shrinks ~14% at any level, level 1 is the fastest.
     packed = dict(compression="gzip", compression_opts=1, shuffle=True)
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("kspace", data=kspace, chunks=(1, *kspace.shape[1:]), **packed)
-        f.create_dataset(target_key, data=target, chunks=(1, *target.shape[1:]), **packed)
-        f.create_dataset("noise", data=scan)
-        f["ismrmrd_header"] = ismrmrd_header(SIZE, attrs["fov_mm"])
-        f.attrs["max"] = float(target.max())
-        f.attrs["norm"] = float(np.linalg.norm(target))
-        for key, value in attrs.items():
-            f.attrs[key] = value
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("kspace", data=kspace, chunks=(1, *kspace.shape[1:]), **packed)
+            f.create_dataset(target_key, data=target, chunks=(1, *target.shape[1:]), **packed)
+            f.create_dataset("noise", data=scan)
+            f["ismrmrd_header"] = ismrmrd_header(SIZE, attrs["fov_mm"])
+            f.attrs["max"] = float(target.max())
+            f.attrs["norm"] = float(np.linalg.norm(target))
+            for key, value in attrs.items():
+                f.attrs[key] = value
+
+    atomic_write(path, write)
 
 
 def folder_name(coils: int, level: float) -> str:
@@ -408,11 +411,7 @@ def build(
                 manifest["folders"][folder_name(c, level)].append(name)
                 bar.update(1)
     bar.close()
-    os.makedirs(output_dir, exist_ok=True)
-    tmp = os.path.join(output_dir, f"manifest.json.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(output_dir, "manifest.json"))
+    atomic_write_text(os.path.join(output_dir, "manifest.json"), json.dumps(manifest, indent=1))
     return manifest
 
 

@@ -25,11 +25,13 @@ import numpy as np
 
 try:
     from improved_diffusion.fastmri_data import BadFileError, check_file, list_h5_files
+    from improved_diffusion.io_util import atomic_write
     from improved_diffusion.mri.espirit import estimate_sens_maps
     from improved_diffusion.script_util import HelpFormatter
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from improved_diffusion.fastmri_data import BadFileError, check_file, list_h5_files
+    from improved_diffusion.io_util import atomic_write
     from improved_diffusion.mri.espirit import estimate_sens_maps
     from improved_diffusion.script_util import HelpFormatter
 
@@ -73,11 +75,6 @@ def add_sens_maps(
             out.attrs[key] = -1 if value is None else value
 
 
-def _tmp_name(dst: str) -> str:
-    # Ends in .tmp (not .h5), so loaders and this script never pick up an unfinished file.
-    return f"{dst}.{os.getpid()}.tmp"
-
-
 def prepare_file(
     src: str,
     dst: str,
@@ -100,32 +97,35 @@ def prepare_file(
         return src, "bad", str(err)
     if info.num_coils == 0 and single_coil == "skip":
         return src, "skipped", "single-coil"
-    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    tmp = _tmp_name(dst)
-    try:
-        if info.num_coils == 0 and single_coil == "link":
+    status = "copied"
+    link = info.num_coils == 0 and single_coil == "link"
+
+    def write(tmp: str) -> None:
+        # the temp file ends in .tmp (not .h5), so loaders and this script never pick up an unfinished one
+        nonlocal status
+        if link:
+            os.remove(tmp)  # os.link needs a free name
             try:
                 os.link(src, tmp)
                 status = "linked"
+                return
             except OSError:  # other file system: fall back to a copy
-                shutil.copyfile(src, tmp)
-                status = "copied"
-        else:
-            shutil.copyfile(src, tmp)
-            status = "copied"
-            if info.num_coils:
-                with h5py.File(tmp, "r") as f:
-                    has_maps = MAPS_KEY in f and f[MAPS_KEY].shape == f["kspace"].shape
-                if has_maps:
-                    status = "has_maps"
-                else:
-                    add_sens_maps(tmp, progress=progress, compression=compression, **espirit_kwargs)
-                    status = "prepared"
-        os.replace(tmp, dst)
+                pass
+        shutil.copyfile(src, tmp)
+        if info.num_coils:
+            with h5py.File(tmp, "r") as f:
+                has_maps = MAPS_KEY in f and f[MAPS_KEY].shape == f["kspace"].shape
+            if has_maps:
+                status = "has_maps"
+            else:
+                add_sens_maps(tmp, progress=progress, compression=compression, **espirit_kwargs)
+                status = "prepared"
+
+    try:
+        # a hard link keeps the source's mode
+        atomic_write(dst, write, chmod=not link)
         return src, status, ""
     except Exception as err:  # a file that breaks half-way (damaged data chunk, disk full): report, go on
-        if os.path.exists(tmp):
-            os.remove(tmp)
         first = (str(err).strip() or type(err).__name__).splitlines()[0]
         return src, "bad", f"{src}: failed while writing {dst}: {first}"
 

@@ -7,10 +7,10 @@ The defaults are upstream improved-diffusion's with the MRI changes listed in do
 import argparse
 import json
 import os
-import tempfile
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import gaussian_diffusion as gd
+from .io_util import atomic_write_text
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import UNetModel
 
@@ -400,7 +400,7 @@ def str2bool(v: Any) -> bool:
 
 
 def save_config(config: Dict[str, Any], log_dir: str) -> str:
-    """Write ``config`` as ``<log_dir>/config.json`` atomically (temp file in log_dir + os.replace).
+    """Write ``config`` as ``<log_dir>/config.json`` atomically (:func:`io_util.atomic_write_text`).
 
     Returns:
         The path written.
@@ -411,19 +411,7 @@ def save_config(config: Dict[str, Any], log_dir: str) -> str:
         text = json.dumps(config, indent=2, sort_keys=True)
     except TypeError as err:
         raise ValueError(f"save_config: config is not JSON-serializable: {err}") from None
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".tmp", dir=log_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a config is meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write_text(path, text + "\n", fsync=True)
 
 
 def load_config(path: str) -> Dict[str, Any]:

@@ -26,7 +26,6 @@ import os
 import random
 import re
 import signal
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -36,13 +35,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
+from .io_util import atomic_write
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 CHECKPOINT_FORMAT_VERSION = 1
 _OPT_RE = re.compile(r"^opt(\d{6,})\.pt$")
 _MODEL_RE = re.compile(r"^model(\d{6,})\.pt$")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -165,21 +163,15 @@ def find_resume_checkpoint(path: str, ema_rates: Sequence[float] = ()) -> Option
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save`` to a temp file in the target folder, fsync, then ``os.replace`` onto ``path``.
 
-    A crash at any point leaves the old file or the complete new one under ``path``, never a partial one.
+    A crash at any point leaves the old file or the complete new one under ``path``, never a partial one
+    (:func:`improved_diffusion.io_util.atomic_write`).
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; checkpoints get the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+
+    atomic_write(path, write, fsync=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -37,15 +37,12 @@ from improved_diffusion import dist_util
 from improved_diffusion.data_consistency import MeasurementOperator
 from improved_diffusion.fastmri_data import BadFileError, scale_from_kspace
 from improved_diffusion.mri.coils import prepare_slice
-from improved_diffusion.recon_io import (
+from improved_diffusion.recon_inputs import SliceInput, Volume, list_inputs, mask_spec_from_args
+from improved_diffusion.recon_outputs import SliceOutput
+from improved_diffusion.recon_runner import (
     INPUT_HELP,
     RUN_FLAG_CHOICES,
     RUN_FLAG_HELP,
-    SliceInput,
-    SliceOutput,
-    Volume,
-    list_inputs,
-    mask_spec_from_args,
     print_report,
     report_error,
     run_files,

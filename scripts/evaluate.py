@@ -18,12 +18,14 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-import h5py
 import numpy as np
 
 from improved_diffusion.fastmri_data import BadFileError
+from improved_diffusion.io_util import list_h5_files, open_h5
 from improved_diffusion.mri.metrics import volume_metrics
-from improved_diffusion.recon_io import TARGET_KEYS, center_crop_np, report_error, write_csv
+from improved_diffusion.recon_inputs import TARGET_KEYS
+from improved_diffusion.recon_outputs import center_crop_np, write_csv
+from improved_diffusion.recon_runner import report_error
 from improved_diffusion.script_util import HelpFormatter
 
 METRICS = ("nmse", "psnr", "ssim")
@@ -57,24 +59,21 @@ def _read(path: str, key: Optional[str], what: str):
     (single-coil) -> ESC, as fastMRI scores its challenges (its single-coil files hold both keys); a file
     without ``kspace`` takes whichever target it has.
     """
-    try:
-        with h5py.File(path, "r") as f:
-            keys = [key] if key else [TARGET_KEYS[True], TARGET_KEYS[False]]
-            if not key and "kspace" in f:
-                keys = [TARGET_KEYS[f["kspace"].ndim == 4]]
-            for k in keys:
-                if k in f:
-                    return np.asarray(f[k][()], dtype=np.float64), k, dict(f.attrs)
-            raise BadFileError(f"{path}: {what} has none of the keys {keys} (keys: {sorted(f.keys())})")
-    except OSError as err:
-        raise BadFileError(f"{path}: not a readable HDF5 file ({str(err).splitlines()[0]})") from None
+    with open_h5(path) as f:
+        keys = [key] if key else [TARGET_KEYS[True], TARGET_KEYS[False]]
+        if not key and "kspace" in f:
+            keys = [TARGET_KEYS[f["kspace"].ndim == 4]]
+        for k in keys:
+            if k in f:
+                return np.asarray(f[k][()], dtype=np.float64), k, dict(f.attrs)
+        raise BadFileError(f"{path}: {what} has none of the keys {keys} (keys: {sorted(f.keys())})")
 
 
 def evaluate_folder(predictions_dir: str, targets_dir: str, target_key: str = "") -> List[Dict]:
     """Per-volume metric rows for one predictions folder (sorted by file name)."""
     if not os.path.isdir(predictions_dir):
         raise BadFileError(f"{predictions_dir}: predictions folder does not exist")
-    names = sorted(f for f in os.listdir(predictions_dir) if f.endswith((".h5", ".hdf5")))
+    names = [os.path.basename(p) for p in list_h5_files(predictions_dir, recursive=False)]
     if not names:
         raise BadFileError(f"{predictions_dir}: no .h5 predictions")
     rows = []

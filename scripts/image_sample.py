@@ -25,15 +25,12 @@ from improved_diffusion import dist_util
 from improved_diffusion.data_consistency import CLIP_MODES, DC_MODES
 from improved_diffusion.fastmri_data import BadFileError
 from improved_diffusion.inference import DEMO_MODEL, load_model
-from improved_diffusion.recon_io import (
+from improved_diffusion.recon_inputs import SliceInput, Volume, list_inputs, mask_spec_from_args
+from improved_diffusion.recon_outputs import SliceOutput
+from improved_diffusion.recon_runner import (
     INPUT_HELP,
     RUN_FLAG_CHOICES,
     RUN_FLAG_HELP,
-    SliceInput,
-    SliceOutput,
-    Volume,
-    list_inputs,
-    mask_spec_from_args,
     print_report,
     report_error,
     run_files,

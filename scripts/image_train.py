@@ -24,6 +24,7 @@ import torch
 from improved_diffusion import dist_util, logger
 from improved_diffusion.augment import AUGMENT_HELP, AugmentConfig, augment_defaults, config_from_flags
 from improved_diffusion.fastmri_data import BadFileError, FileInfo, index_data, load_data
+from improved_diffusion.io_util import atomic_write_text
 from improved_diffusion.resample import create_named_schedule_sampler
 from improved_diffusion.script_util import (
     MODEL_AND_DIFFUSION_CHOICES,
@@ -381,17 +382,13 @@ def main() -> None:
     gc.collect()
     if report:
         path = os.path.join(log_dir, f"rank_report_{rank}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(
-                {
-                    "rank": rank,
-                    "initial_params_sha256": initial_digest,
-                    "params_sha256": param_digest(model),
-                    "files": sorted(seen_files),
-                },
-                f,
-            )
-        os.replace(path + ".tmp", path)
+        report_data = {
+            "rank": rank,
+            "initial_params_sha256": initial_digest,
+            "params_sha256": param_digest(model),
+            "files": sorted(seen_files),
+        }
+        atomic_write_text(path, json.dumps(report_data))
     dist_util.barrier()
     dist_util.cleanup_dist()
 

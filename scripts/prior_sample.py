@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from improved_diffusion.inference import DEMO_MODEL, load_model
+from improved_diffusion.io_util import atomic_write, atomic_write_text
 from improved_diffusion.mri.fftc import channels_to_complex
 from improved_diffusion.script_util import (
     HelpFormatter,
@@ -132,18 +133,6 @@ def magnitude_grid(magnitude: np.ndarray, vmax: float) -> np.ndarray:
     return grid
 
 
-def _atomic(path: str, write) -> None:
-    """``write(f)`` into a temp file beside ``path``, then rename it to ``path``."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def draw_samples(
     model,
     diffusion,
@@ -228,12 +217,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     magnitude = np.abs(channels_to_complex(torch.from_numpy(samples)).numpy()).astype(np.float32)
 
     npz = os.path.join(args.output_dir, "samples.npz")
-    _atomic(npz, lambda f: np.savez(f, arr_0=complex_nhwc, magnitude=magnitude))
+
+    def write_npz(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a path
+            np.savez(f, arr_0=complex_nhwc, magnitude=magnitude)
+
+    atomic_write(npz, write_npz)
     from PIL import Image
 
     vmax = args.png_vmax if args.png_vmax > 0 else float(magnitude.max())
     png = os.path.join(args.output_dir, "samples.png")
-    _atomic(png, lambda f: Image.fromarray(magnitude_grid(magnitude, vmax)).save(f, format="PNG"))
+    atomic_write(png, lambda tmp: Image.fromarray(magnitude_grid(magnitude, vmax)).save(tmp, format="PNG"))
     q = np.percentile(magnitude, [50, 99, 100])
     info = {
         "model_path": os.path.abspath(args.model_path),
@@ -245,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "png_vmax": vmax,
     }
     js = os.path.join(args.output_dir, "samples.json")
-    _atomic(js, lambda f: f.write((json.dumps(info, indent=1, default=float) + "\n").encode()))
+    atomic_write_text(js, json.dumps(info, indent=1, default=float) + "\n")
     print(
         f"{args.num_samples} samples {shape[0]}x{shape[1]} in {elapsed:.1f} s -> {npz}, {png}; "
         f"|x| median {q[0]:.3f}, p99 {q[1]:.3f}, max {q[2]:.3f}"
