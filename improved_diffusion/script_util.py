@@ -320,7 +320,7 @@ def add_upstream_flags(parser: argparse.ArgumentParser, flags: Dict[str, Tuple[A
             f"--{name}",
             default=None,
             type=v_type,
-            help=f"upstream's flag (default {upstream_default}): {note}",
+            help=f"upstream's flag (upstream's default {upstream_default}; None here = not given): {note}",
         )
 
 

@@ -23,6 +23,7 @@ import torch
 
 from improved_diffusion import dist_util, logger
 from improved_diffusion.augment import AUGMENT_HELP, AugmentConfig, augment_defaults, config_from_flags
+from improved_diffusion.checkpoint import CheckpointSaveError, find_resume_checkpoint
 from improved_diffusion.fastmri_data import BadFileError, FileInfo, index_data, load_data
 from improved_diffusion.io_util import atomic_write_text
 from improved_diffusion.resample import create_named_schedule_sampler
@@ -41,13 +42,7 @@ from improved_diffusion.script_util import (
     save_config,
     upstream_flag_notes,
 )
-from improved_diffusion.train_util import (
-    PRECISIONS,
-    CheckpointSaveError,
-    NonFiniteLossError,
-    TrainLoop,
-    find_resume_checkpoint,
-)
+from improved_diffusion.train_util import PRECISIONS, NonFiniteLossError, TrainLoop
 
 # Test hook: when set, every rank writes <log_dir>/rank_report_<rank>.json (hash of its final parameters and
 # the files it read), so the distributed tests can check gradient sync and data sharding.
