@@ -27,11 +27,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import h5py
 import numpy as np
 
+from .evaluation import METRIC_FIELDS, center_crop_np, metric_rows, nanmean
 from .io_util import atomic_write
-from .mri import metrics as mri_metrics
 from .recon_inputs import MaskSpec, Volume
-
-METRIC_FIELDS = ("file", "slice", "target", "nmse", "psnr", "ssim", "noise_residual_ratio", "start_step")
 
 
 @dataclass
@@ -86,14 +84,6 @@ def stored_options_hash(path: str) -> Optional[str]:
     except OSError:
         return None
     return None if value is None else str(value)
-
-
-def center_crop_np(x: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
-    """Center-crop the last two dims of a numpy array (fastMRI's rounding, as mri.fftc.center_crop)."""
-    h, w = x.shape[-2:]
-    ch, cw = shape
-    top, left = (h - ch) // 2, (w - cw) // 2
-    return x[..., top : top + ch, left : left + cw]
 
 
 def write_recon_h5(
@@ -169,33 +159,6 @@ def write_preview_png(path: str, panels: Sequence[Tuple[str, Optional[np.ndarray
     atomic_write(path, write)
 
 
-def metric_rows(
-    name: str,
-    target: np.ndarray,
-    recon: np.ndarray,
-    target_key: str,
-    noise_ratio: Sequence[float],
-    start_step: Any = "",
-) -> List[Dict[str, Any]]:
-    """Per-slice rows and one ``volume`` row of NMSE/PSNR/SSIM (fastMRI's: data range = volume max), with
-    each slice's ``noise_residual_ratio`` (the volume row: their mean) and the diffusion's base
-    ``start_step`` ("" for the baselines)."""
-    maxval = float(target.max())
-    common = {"file": name, "target": target_key, "start_step": start_step}
-    rows = []
-    for i in range(target.shape[0]):
-        m = mri_metrics.volume_metrics(target[i : i + 1], recon[i : i + 1], maxval=maxval)
-        rows.append({**common, "slice": i, **m, "noise_residual_ratio": noise_ratio[i]})
-    m = mri_metrics.volume_metrics(target, recon)
-    rows.append({**common, "slice": "volume", **m, "noise_residual_ratio": _nanmean(noise_ratio)})
-    return rows
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    values = np.asarray(values, dtype=np.float64)
-    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-
-
 def write_metrics_summary(output_dir: str, names: Sequence[str]) -> Optional[str]:
     """Collect the volume rows of ``metrics/<stem>.csv`` of the volumes ``names`` (this run's files, not
     whatever else the folder holds) into ``metrics.csv``; returns its path, or None without any rows."""
@@ -257,7 +220,7 @@ def write_volume(
         "seconds_per_slice": seconds,
         "nfe": nfe,
         "data_residual": residual,
-        "noise_residual_ratio": _nanmean(noise_ratio),
+        "noise_residual_ratio": nanmean(noise_ratio),
     }
     if target is not None:
         rows = metric_rows(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from improved_diffusion.evaluation import read_volume
 from improved_diffusion.mri.fftc import fft2c, ifft2c
 from improved_diffusion.mri.subsample import create_mask_for_mask_type, seed_from_fname
 from improved_diffusion.script_util import (
@@ -393,5 +394,5 @@ def test_evaluate_target_follows_the_kspace_kind(tmp_path):
             f["kspace"] = np.zeros(kspace_shape, np.complex64)
             f["reconstruction_esc"] = np.ones((1, H, W), np.float32)
             f["reconstruction_rss"] = np.ones((1, H, W), np.float32)
-    assert evaluate._read(str(tmp_path / "sc.h5"), None, "target")[1] == "reconstruction_esc"
-    assert evaluate._read(str(tmp_path / "mc.h5"), None, "target")[1] == "reconstruction_rss"
+    assert read_volume(str(tmp_path / "sc.h5"), None, "target")[1] == "reconstruction_esc"
+    assert read_volume(str(tmp_path / "mc.h5"), None, "target")[1] == "reconstruction_rss"
