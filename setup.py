@@ -25,7 +25,8 @@ setup(
         # PNG previews and figures, fpdf2 to typeset paper.pdf without a
         # LaTeX install (it lays out text, tables and images in a few lines of Python),
         # pymupdf to read paper.pdf back (tests check its text; pages render to PNG for review),
-        # dipy for the real scans inside its wheel (dipy/data/files) that the held-out set is built from.
+        # dipy for the real scans inside its wheel (dipy/data/files) that the held-out set is built from,
+        # nbclient/nbformat/ipykernel to execute notebooks/quickstart.ipynb in the tests.
         "dev": [
             "mpi4py",
             "mpich",
@@ -37,6 +38,9 @@ setup(
             "fpdf2",
             "pymupdf",
             "dipy",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
         ],
     },
 )

@@ -26,6 +26,7 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from improved_diffusion.mri.metrics import psnr, ssim  # noqa: E402
+from improved_diffusion.script_util import HelpFormatter  # noqa: E402
 
 SCAN = os.path.join(REPO_ROOT, "..", "shared", "data", "real_brain_8coil_poisson.h5")
 # (label, script, flags). λ of the baselines: the multi-coil 8x values of benchmarks/recon_benchmark.py
@@ -44,13 +45,21 @@ def score(out: np.ndarray, ref: np.ndarray) -> Dict[str, float]:
     return {"psnr": psnr(ref, a * out, ref.max()), "ssim": ssim(ref[None], (a * out)[None], ref.max())}
 
 
+def create_argparser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--scan", type=str, default=SCAN, help="the real scan (kspace, mask, reference_pics)")
+    p.add_argument(
+        "--work_dir", type=str, default=os.path.join(REPO_ROOT, "recon_out", "real_scan"), help="outputs"
+    )
+    p.add_argument(
+        "--results_dir", type=str, default=os.path.join(REPO_ROOT, "results"), help="CSV and PNG go here"
+    )
+    p.add_argument("--methods", type=str, default="", help="comma list of labels to run ('' = all)")
+    return p
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scan", default=SCAN, help="the real scan (kspace, mask, reference_pics)")
-    p.add_argument("--work_dir", default=os.path.join(REPO_ROOT, "recon_out", "real_scan"), help="outputs")
-    p.add_argument("--results_dir", default=os.path.join(REPO_ROOT, "results"), help="CSV and PNG go here")
-    p.add_argument("--methods", default="", help="comma list of labels to run (default: all)")
-    args = p.parse_args(argv)
+    args = create_argparser().parse_args(argv)
     if not os.path.isfile(args.scan):
         print(f"real_scan: error: {args.scan}: no such file", file=sys.stderr)
         return 2

@@ -52,6 +52,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import recon_report  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+from improved_diffusion.io_util import (  # noqa: E402
+    atomic_write,
+    atomic_write_text,
+    list_h5_files,  # noqa: E402
+)
+from improved_diffusion.reconstruction import DEFAULT_T0  # noqa: E402
+from improved_diffusion.script_util import HelpFormatter  # noqa: E402
+
 SCRIPTS = os.path.join(REPO_ROOT, "scripts")
 
 # acceleration -> (mask type, centre fraction): fastMRI's knee 4× and brain 8× protocols.
@@ -118,7 +127,9 @@ def build_methods(args: argparse.Namespace) -> List[Method]:
     """The methods to run, in table order, from the CLI options."""
     ddim = ["--use_ddim", "True", "--timestep_respacing", f"ddim{args.ddim_steps}", "--eta", str(args.eta)]
     ancestral = ["--use_ddim", "False", "--timestep_respacing", str(args.ancestral_steps or "")]
-    common = ["--model_path", args.model_path, "--t0", str(args.t0)]
+    common = ["--model_path", args.model_path]
+    common += ["--start_step", str(args.start_step)] if args.start_step >= 0 else []
+    common += ["--t0", args.t0] if args.t0 else []
     common += ["--sample_seed", str(args.seed), "--png", "False"]
     if args.batch_size:
         common += ["--batch_size", str(args.batch_size)]
@@ -186,7 +197,7 @@ def list_h5(folder: str) -> List[str]:
     """Sorted .h5 files directly in ``folder``."""
     if not os.path.isdir(folder):
         raise ValueError(f"data folder {folder}: not found")
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith((".h5", ".hdf5")))
+    files = list_h5_files(folder, recursive=False)
     if not files:
         raise ValueError(f"data folder {folder}: no .h5 files")
     return files
@@ -212,19 +223,21 @@ def subset_file(src: str, dst: str, max_slices: int, drop_keys: Sequence[str] = 
             raise ValueError(f"{src}: missing key 'kspace'")
         n = fin["kspace"].shape[0]
         keep = central_slices(n, max_slices)
-        tmp = dst + ".tmp"
-        with h5py.File(tmp, "w") as fout:
-            for key, ds in fin.items():
-                if not isinstance(ds, h5py.Dataset) or key in drop_keys:
-                    continue
-                per_slice = key != "mask" and ds.ndim >= 3 and ds.shape[0] == n
-                data = ds[keep.start : keep.stop] if per_slice else ds[()]
-                fout.create_dataset(key, data=data)
-                for k, v in ds.attrs.items():
-                    fout[key].attrs[k] = v
-            for k, v in fin.attrs.items():
-                fout.attrs[k] = v
-    os.replace(tmp, dst)
+
+        def write(tmp: str) -> None:
+            with h5py.File(tmp, "w") as fout:
+                for key, ds in fin.items():
+                    if not isinstance(ds, h5py.Dataset) or key in drop_keys:
+                        continue
+                    per_slice = key != "mask" and ds.ndim >= 3 and ds.shape[0] == n
+                    data = ds[keep.start : keep.stop] if per_slice else ds[()]
+                    fout.create_dataset(key, data=data)
+                    for k, v in ds.attrs.items():
+                        fout[key].attrs[k] = v
+                for k, v in fin.attrs.items():
+                    fout.attrs[k] = v
+
+        atomic_write(dst, write)
 
 
 def _has_key(path: str, key: str) -> bool:
@@ -388,10 +401,7 @@ def run_method(
         )
     summary = score_outputs(out_dir, input_dir, coil)
     summary.update(signature=signature, wall_seconds=time.time() - start, command=cmd[1:])
-    tmp = summary_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, summary_path)
+    atomic_write_text(summary_path, json.dumps(summary, indent=1))
     return summary
 
 
@@ -513,11 +523,7 @@ def data_info(input_dirs: Dict[str, str]) -> Dict[str, Any]:
 
 
 def write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def figure_data(
@@ -546,24 +552,33 @@ def figure_data(
 # ------------------------------------------------------------------------------------------------- main
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", default="", help="diffusion checkpoint (config.json beside it)")
+def create_argparser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
-        "--data_dir", default=os.path.join(REPO_ROOT, "demo_data"), help="holds <coil>_val/ folders"
+        "--model_path", type=str, default="", help="diffusion checkpoint (config.json beside it; '' = demo)"
     )
     p.add_argument(
-        "--singlecoil_dir", default="", help="single-coil folder (default: <data_dir>/singlecoil_val)"
+        "--data_dir", type=str, default=os.path.join(REPO_ROOT, "demo_data"), help="holds <coil>_val/ folders"
     )
     p.add_argument(
-        "--multicoil_dir", default="", help="multi-coil folder (default: <data_dir>/multicoil_val)"
+        "--singlecoil_dir", type=str, default="", help="single-coil folder ('' = <data_dir>/singlecoil_val)"
     )
-    p.add_argument("--coils", default="singlecoil,multicoil")
-    p.add_argument("--accelerations", default="4,8", help=f"from {sorted(PROTOCOLS)}")
-    p.add_argument("--methods", default="zero_filled,sense,l1_wavelet,bart_pics,ddim_project,ddim_replace")
+    p.add_argument(
+        "--multicoil_dir", type=str, default="", help="multi-coil folder ('' = <data_dir>/multicoil_val)"
+    )
+    p.add_argument(
+        "--coils", type=str, default="singlecoil,multicoil", help=f"comma list of {', '.join(TARGET_KEYS)}"
+    )
+    p.add_argument("--accelerations", type=str, default="4,8", help=f"comma list from {sorted(PROTOCOLS)}")
+    p.add_argument(
+        "--methods",
+        type=str,
+        default="zero_filled,sense,l1_wavelet,bart_pics,ddim_project,ddim_replace",
+        help="comma list of the methods to run",
+    )
     p.add_argument("--ancestral", action="store_true", help="also run ancestral_project (many steps)")
     p.add_argument("--ancestral_steps", type=int, default=0, help="respaced ancestral steps (0 = all T)")
-    p.add_argument("--ddim_steps", type=int, default=50)
+    p.add_argument("--ddim_steps", type=int, default=50, help="DDIM respacing: ddim<N>")
     p.add_argument("--num_samples", type=int, default=4, help="K posterior samples per slice")
     p.add_argument(
         "--eta", type=float, default=1.0, help="DDIM eta (1.0 chosen on a training volume; docs/results.md)"
@@ -574,25 +589,53 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=0,
         help="K for ancestral_project (0: --num_samples); its chain is much longer",
     )
-    p.add_argument("--t0", default="0.2", help="start time of the reverse chain (image_sample.py --t0)")
+    p.add_argument(
+        "--t0",
+        type=str,
+        default="",
+        help=f"start fraction of the reverse chain (image_sample.py --t0; '' = its default {DEFAULT_T0})",
+    )
+    p.add_argument(
+        "--start_step",
+        type=int,
+        default=-1,
+        help="start at this base-chain step instead (image_sample.py --start_step; -1 = use --t0); the "
+        "same step for DDIM and the ancestral chain when both contain it",
+    )
     p.add_argument("--batch_size", type=int, default=0, help="image_sample.py --batch_size (0: its default)")
     p.add_argument("--seed", type=int, default=0, help="image_sample.py --sample_seed")
-    p.add_argument("--sample_args", default="", help="extra flags for image_sample.py, one quoted string")
-    p.add_argument("--baseline_args", default="", help="extra flags for baseline_recon.py, one quoted string")
+    p.add_argument(
+        "--sample_args", type=str, default="", help="extra flags for image_sample.py, one quoted string"
+    )
+    p.add_argument(
+        "--baseline_args", type=str, default="", help="extra flags for baseline_recon.py, one quoted string"
+    )
     p.add_argument(
         "--maps",
+        type=str,
         choices=("estimate", "file"),
         default="estimate",
         help="estimate: drop stored sens_maps so maps come from the undersampled centre; file: use them",
     )
     p.add_argument("--max_files", type=int, default=0, help="first N volumes per coil setting (0 = all)")
     p.add_argument("--max_slices", type=int, default=0, help="central N slices per volume (0 = all)")
-    p.add_argument("--work_dir", default=os.path.join(REPO_ROOT, "recon_out", "benchmark"))
-    p.add_argument("--results_dir", default=os.path.join(REPO_ROOT, "results"))
+    p.add_argument(
+        "--work_dir",
+        type=str,
+        default=os.path.join(REPO_ROOT, "recon_out", "benchmark"),
+        help="the runs' output folders",
+    )
+    p.add_argument(
+        "--results_dir",
+        type=str,
+        default=os.path.join(REPO_ROOT, "results"),
+        help="benchmark CSV, markdown table and figure go here",
+    )
     p.add_argument(
         "--figure_setting",
+        type=str,
         default="",
-        help="coil,acceleration of the figure, e.g. singlecoil,8 (default: multi-coil, first R)",
+        help="coil,acceleration of the figure, e.g. singlecoil,8 ('' = multi-coil, first R)",
     )
     p.add_argument("--figure_slice", type=int, default=-1, help="slice of the figure's volume (-1: middle)")
     p.add_argument("--overwrite", action="store_true", help="redo finished runs")
@@ -600,7 +643,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--keep_going", action="store_true", help="after a failed run, go on; write the others; exit 1"
     )
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = create_argparser()
     args = p.parse_args(argv)
+    if args.t0 and args.start_step >= 0:
+        p.error(f"--t0 {args.t0} and --start_step {args.start_step}: give one start, not both")
     args.coil_list = [c.strip() for c in args.coils.split(",") if c.strip()]
     for c in args.coil_list:
         if c not in TARGET_KEYS:
@@ -713,7 +763,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "torch": torch.__version__,
             "num_samples": args.num_samples,
             "ancestral_samples": args.ancestral_samples or args.num_samples,
-            "t0": args.t0,
+            "t0": args.t0 or ("" if args.start_step >= 0 else str(DEFAULT_T0)),
+            "start_step": args.start_step,  # -1: from t0; each output's h5 holds the base step used
             "ddim_steps": args.ddim_steps,
             "eta": args.eta,
             "ancestral_steps": args.ancestral_steps or "T",
@@ -748,13 +799,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _write_per_volume(rows: List[Dict[str, Any]], path: str) -> None:
     fields = ["method", "coil", "acceleration", "file", "num_slices", "nmse", "psnr", "ssim"]
     fields += ["seconds_per_slice", "nfe", "num_samples"]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ Pure functions on numpy arrays and dicts, so they can be tested without a model:
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+
+from improved_diffusion.io_util import atomic_write, atomic_write_text
 
 # The columns of results/recon_metrics.csv, in order (paper/results_values.py reads the same list).
 CSV_COLUMNS = [
@@ -132,19 +132,6 @@ def summarize(
     return row
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _fmt_cell(value: object) -> str:
     if isinstance(value, float):
         return "" if not np.isfinite(value) else repr(float(value))
@@ -160,7 +147,7 @@ def write_csv(rows: List[Dict[str, object]], path: str) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({c: _fmt_cell(row.get(c, "")) for c in CSV_COLUMNS})
-    _atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def _pm(row: Dict[str, object], metric: str, decimals: int) -> str:
@@ -191,7 +178,7 @@ def markdown_table(rows: List[Dict[str, object]]) -> str:
 def write_markdown_table(rows: List[Dict[str, object]], path: str, header: str = "") -> None:
     """Write results/recon_table.md atomically (``header`` is prepended as a paragraph)."""
     text = (header.strip() + "\n\n" if header else "") + markdown_table(rows)
-    _atomic_write_text(path, text)
+    atomic_write_text(path, text)
 
 
 def make_figure(
@@ -242,14 +229,7 @@ def make_figure(
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout(pad=0.3, w_pad=0.2, h_pad=0.3)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=200, format="png")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=200, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -22,6 +22,10 @@ import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+from improved_diffusion.io_util import atomic_write  # noqa: E402
+from improved_diffusion.script_util import HelpFormatter  # noqa: E402
+
 TRAIN_SPEED = os.path.join(REPO_ROOT, "benchmarks", "train_speed.py")
 
 COLUMNS = [
@@ -99,14 +103,31 @@ def update_csv(path: str, row: Dict[str, Any]) -> None:
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("name") != row["name"]]
     rows.append(row)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument(
+        "--name", type=str, default="demo_cpu", help="row name in the CSV (an existing row is replaced)"
+    )
+    p.add_argument(
+        "--config",
+        type=str,
+        default="",
+        help="training config.json (or its log dir) for the model flags ('' = train_speed.py's defaults)",
+    )
+    p.add_argument(
+        "--out", type=str, default=os.path.join(REPO_ROOT, "results", "train_speed.csv"), help="the CSV"
+    )
+    return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -115,10 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1 :]
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", default="demo_cpu", help="row name in the CSV (an existing row is replaced)")
-    p.add_argument("--config", default="", help="training config.json (or its log dir) for the model flags")
-    p.add_argument("--out", default=os.path.join(REPO_ROOT, "results", "train_speed.csv"))
+    p = create_argparser()
     args = p.parse_args(argv)
     if not args.name or "," in args.name:
         p.error("--name must be non-empty and without commas")

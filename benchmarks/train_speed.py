@@ -29,42 +29,66 @@ import torch
 import torch.distributed as dist
 
 from improved_diffusion import logger
+from improved_diffusion.io_util import atomic_write_text
 from improved_diffusion.script_util import (
+    MODEL_AND_DIFFUSION_CHOICES,
+    MODEL_AND_DIFFUSION_HELP,
+    HelpFormatter,
+    add_dict_to_argparser,
     create_model_and_diffusion,
     default_channel_mult,
     model_and_diffusion_defaults,
-    str2bool,
 )
 from improved_diffusion.train_util import TrainLoop
 
 UPSTREAM_ALIAS = "upstream_improved_diffusion"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--image_size", type=int, default=64)
-    p.add_argument("--num_channels", type=int, default=32)
-    p.add_argument("--num_res_blocks", type=int, default=2)
-    p.add_argument("--attention_resolutions", default="16,8")
-    p.add_argument("--num_heads", type=int, default=4)
-    p.add_argument("--channel_mult", default="", help="'' = upstream's choice for image_size")
-    p.add_argument("--in_channels", type=int, default=2)
-    p.add_argument("--learn_sigma", type=str2bool, default=True)
-    p.add_argument("--use_scale_shift_norm", type=str2bool, default=True)
-    p.add_argument("--diffusion_steps", type=int, default=1000)
-    p.add_argument("--noise_schedule", default="cosine")
-    p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--microbatch", type=int, default=-1)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+# The model flags of this benchmark, with its small defaults; help texts and choices are the model's own.
+MODEL_FLAGS: Dict[str, Any] = dict(
+    image_size=64,
+    num_channels=32,
+    num_res_blocks=2,
+    attention_resolutions="16,8",
+    num_heads=4,
+    channel_mult="",
+    in_channels=2,
+    learn_sigma=True,
+    use_scale_shift_norm=True,
+    diffusion_steps=1000,
+    noise_schedule="cosine",
+)
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    add_dict_to_argparser(p, MODEL_FLAGS, MODEL_AND_DIFFUSION_HELP, MODEL_AND_DIFFUSION_CHOICES)
+    p.add_argument("--batch_size", type=int, default=2, help="images per step")
+    p.add_argument("--microbatch", type=int, default=-1, help="image_train.py --microbatch (-1: no split)")
+    p.add_argument(
+        "--precision", type=str, default="fp32", choices=["fp32", "fp16", "bf16"], help="training precision"
+    )
+    p.add_argument(
+        "--device", type=str, default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if available"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     p.add_argument("--repeats", type=int, default=1, help="alternate ours/upstream this often; best is kept")
-    p.add_argument("--baseline_repo", default="", help="local checkout of openai/improved-diffusion")
+    p.add_argument(
+        "--baseline_repo",
+        type=str,
+        default="",
+        help="local checkout of openai/improved-diffusion ('' = none)",
+    )
     p.add_argument("--profile", action="store_true", help="profile a few of our steps and print the top ops")
-    p.add_argument("--json", default="", help="also write the results to this JSON file")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=str, default="", help="also write the results to this JSON file ('' = no)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and the fixed batch")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = create_argparser()
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         p.error("--steps and --repeats must be >= 1, --warmup >= 0")
@@ -305,9 +329,7 @@ def main(argv=None) -> Dict[str, Any]:
         print(table)
         result["profile"] = table
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)
+        atomic_write_text(args.json, json.dumps(result, indent=2))
     return result
 
 

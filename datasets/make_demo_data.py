@@ -74,7 +74,9 @@ except ImportError:  # imported from elsewhere than this folder
     import prepare_fastmri
 
 from improved_diffusion.fastmri_data import scale_from_kspace, slice_to_image
+from improved_diffusion.io_util import atomic_write, atomic_write_text
 from improved_diffusion.mri.fftc import fft2c, ifft2c
+from improved_diffusion.script_util import HelpFormatter
 
 FOV = 240  # mm: zero-padded 1 mm grid that holds the whole head (233 mm front to back)
 BRAIN_AREA_FRACTION = 0.3  # a slice counts as brain when its area is >= 30% of the largest slice's
@@ -393,25 +395,27 @@ def write_slices(
     else:
         target_key, target = "reconstruction_rss", np.sqrt((np.abs(coil_images) ** 2).sum(axis=1))
     target = target.astype(np.float32)
-    tmp = f"{path}.{os.getpid()}.tmp"
     # gzip with byte shuffling: noisy k-space barely compresses, the maps (zero outside the head) halve.
     packed = dict(compression="gzip", shuffle=True)
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("kspace", data=kspace, chunks=(1, *kspace.shape[1:]), **packed)
-        f.create_dataset(target_key, data=target, chunks=(1, *target.shape[1:]), **packed)
-        f["ismrmrd_header"] = ismrmrd_header(size)
-        f.attrs["acquisition"] = acquisition
-        f.attrs["max"] = float(target.max())
-        f.attrs["norm"] = float(np.linalg.norm(target))
-        f.attrs["patient_id"] = patient_id
-        f.attrs["source"] = source
-        for key, value in (attrs or {}).items():
-            f.attrs[key] = value
-        f.attrs["noise_std"] = noise
-        f.attrs["fov_mm"] = FOV
-    if coil_maps is not None:
-        prepare_fastmri.add_sens_maps(tmp, compression="gzip", **espirit_kwargs)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("kspace", data=kspace, chunks=(1, *kspace.shape[1:]), **packed)
+            f.create_dataset(target_key, data=target, chunks=(1, *target.shape[1:]), **packed)
+            f["ismrmrd_header"] = ismrmrd_header(size)
+            f.attrs["acquisition"] = acquisition
+            f.attrs["max"] = float(target.max())
+            f.attrs["norm"] = float(np.linalg.norm(target))
+            f.attrs["patient_id"] = patient_id
+            f.attrs["source"] = source
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value
+            f.attrs["noise_std"] = noise
+            f.attrs["fov_mm"] = FOV
+        if coil_maps is not None:
+            prepare_fastmri.add_sens_maps(tmp, compression="gzip", **espirit_kwargs)
+
+    atomic_write(path, write)
 
 
 def build(
@@ -518,10 +522,7 @@ def build(
             espirit_kwargs=espirit_kwargs,
             log=log,
         )
-    tmp = os.path.join(output_dir, f"manifest.json.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(output_dir, "manifest.json"))
+    atomic_write_text(os.path.join(output_dir, "manifest.json"), json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -644,25 +645,29 @@ def folder_size_mb(path: str) -> float:
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", default="demo_data")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--output_dir", type=str, default="demo_data", help="output folder (<kind>_train/, _val/)")
     p.add_argument("--size", type=int, default=128, help="matrix size (FOV 240 mm)")
-    p.add_argument("--slices_per_volume", type=int, default=10)
-    p.add_argument("--train_volumes", type=int, default=6)
-    p.add_argument("--val_volumes", type=int, default=2)
-    p.add_argument("--coils", type=int, default=8)
+    p.add_argument("--slices_per_volume", type=int, default=10, help="slices per file")
+    p.add_argument("--train_volumes", type=int, default=6, help="training files per kind")
+    p.add_argument("--val_volumes", type=int, default=2, help="validation files per kind")
+    p.add_argument("--coils", type=int, default=8, help="coils of the multi-coil files")
     p.add_argument("--noise", type=float, default=0.01, help="complex noise std (template max = 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kinds", default="singlecoil,multicoil", help="comma list of singlecoil, multicoil")
+    p.add_argument("--seed", type=int, default=0, help="seed of phases, coil maps and noise")
+    p.add_argument(
+        "--kinds", type=str, default="singlecoil,multicoil", help="comma list of singlecoil, multicoil"
+    )
     p.add_argument("--tiny", action="store_true", help="32x32, 2 slices, 2 train + 1 val volumes (tests)")
     p.add_argument(
         "--contrasts",
+        type=str,
         default="",
         help="also build <kind>_synth_train/ with these synthesized contrasts: comma list of "
-        f"{', '.join(CONTRAST_RANGES)} (default: none)",
+        f"{', '.join(CONTRAST_RANGES)} ('' = none)",
     )
     p.add_argument(
         "--orientations",
+        type=str,
         default=",".join(ORIENTATIONS),
         help="orientations of the synthesized slices (with --contrasts)",
     )
@@ -674,6 +679,7 @@ def create_argparser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--synth_holdout",
+        type=str,
         default="slab",
         choices=SYNTH_HOLDOUTS,
         help="coronal/sagittal: 'slab' keeps every voxel away from the validation slices (partial slices), "

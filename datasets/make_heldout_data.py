@@ -51,7 +51,9 @@ except ImportError:  # imported from elsewhere than this folder
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from make_demo_data import FOV, folder_size_mb, ismrmrd_header, simulate_kspace, smooth_phase
 
+from improved_diffusion.io_util import atomic_write, atomic_write_text
 from improved_diffusion.mri.fftc import ifft2c
+from improved_diffusion.script_util import HelpFormatter
 
 SIZE = 128  # output matrix (the demo size)
 FOV_MARGIN = 1.2  # square field of view = 1.2 x the head's largest extent (at least SIZE source pixels)
@@ -290,20 +292,22 @@ def target_from_kspace(clean: np.ndarray) -> Tuple[str, np.ndarray]:
 def write_file(
     path: str, kspace: np.ndarray, target_key: str, target: np.ndarray, scan: np.ndarray, attrs: Dict
 ):
-    """One fastMRI-format file, written as ``<path>.<pid>.tmp`` and renamed."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    """One fastMRI-format file, written atomically (:func:`improved_diffusion.io_util.atomic_write`)."""
     # gzip level 1 with byte shuffling: noisy k-space shrinks ~14% at any level, level 1 is the fastest.
     packed = dict(compression="gzip", compression_opts=1, shuffle=True)
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("kspace", data=kspace, chunks=(1, *kspace.shape[1:]), **packed)
-        f.create_dataset(target_key, data=target, chunks=(1, *target.shape[1:]), **packed)
-        f.create_dataset("noise", data=scan)
-        f["ismrmrd_header"] = ismrmrd_header(SIZE, attrs["fov_mm"])
-        f.attrs["max"] = float(target.max())
-        f.attrs["norm"] = float(np.linalg.norm(target))
-        for key, value in attrs.items():
-            f.attrs[key] = value
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("kspace", data=kspace, chunks=(1, *kspace.shape[1:]), **packed)
+            f.create_dataset(target_key, data=target, chunks=(1, *target.shape[1:]), **packed)
+            f.create_dataset("noise", data=scan)
+            f["ismrmrd_header"] = ismrmrd_header(SIZE, attrs["fov_mm"])
+            f.attrs["max"] = float(target.max())
+            f.attrs["norm"] = float(np.linalg.norm(target))
+            for key, value in attrs.items():
+                f.attrs[key] = value
+
+    atomic_write(path, write)
 
 
 def folder_name(coils: int, level: float) -> str:
@@ -407,11 +411,7 @@ def build(
                 manifest["folders"][folder_name(c, level)].append(name)
                 bar.update(1)
     bar.close()
-    os.makedirs(output_dir, exist_ok=True)
-    tmp = os.path.join(output_dir, f"manifest.json.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(output_dir, "manifest.json"))
+    atomic_write_text(os.path.join(output_dir, "manifest.json"), json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -440,30 +440,30 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    p = _OneLineParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", default="heldout_data", help="output folder (default heldout_data)")
+    p = _OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--output_dir", type=str, default="heldout_data", help="output folder")
     p.add_argument(
         "--sigmas",
         type=_floats,
         default=list(DEFAULT_SIGMAS),
-        help="multi-coil noise levels, comma list: sigma = level x max|k| of the volume "
-        "(default 0.001,0.002,0.005)",
+        help="multi-coil noise levels, comma list: sigma = level x max|k| of the volume",
     )
     p.add_argument(
-        "--coils", type=_ints, default=list(DEFAULT_COILS), help="multi-coil coil counts (default 8,15)"
+        "--coils", type=_ints, default=list(DEFAULT_COILS), help="multi-coil coil counts, comma list"
     )
     p.add_argument(
         "--singlecoil_sigmas",
         type=_floats,
         default=list(DEFAULT_SINGLECOIL_SIGMAS),
-        help="single-coil noise levels, comma list; empty string for none (default 0.002)",
+        help="single-coil noise levels, comma list; empty string for none",
     )
     p.add_argument(
-        "--max_volumes", type=int, default=None, help=f"only the first N of the {len(VOLUMES)} volumes"
+        "--max_volumes",
+        type=int,
+        default=None,
+        help=f"only the first N of the {len(VOLUMES)} volumes (None: all)",
     )
-    p.add_argument(
-        "--max_slices", type=int, default=6, help="at most N evenly spaced slices per volume (default 6)"
-    )
+    p.add_argument("--max_slices", type=int, default=6, help="at most N evenly spaced slices per volume")
     p.add_argument("--all_slices", action="store_true", help="every source slice (overrides --max_slices)")
     p.add_argument("--noise_samples", type=int, default=1024, help="pure-noise samples per coil in 'noise'")
     p.add_argument("--seed", type=int, default=0, help="seed of phases, coil noise covariances and noise")

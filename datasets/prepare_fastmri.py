@@ -25,11 +25,15 @@ import numpy as np
 
 try:
     from improved_diffusion.fastmri_data import BadFileError, check_file, list_h5_files
+    from improved_diffusion.io_util import atomic_write
     from improved_diffusion.mri.espirit import estimate_sens_maps
+    from improved_diffusion.script_util import HelpFormatter
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from improved_diffusion.fastmri_data import BadFileError, check_file, list_h5_files
+    from improved_diffusion.io_util import atomic_write
     from improved_diffusion.mri.espirit import estimate_sens_maps
+    from improved_diffusion.script_util import HelpFormatter
 
 MAPS_KEY = "sens_maps"
 # Fully sampled training data: a 48 x 48 calibration square is plenty, and the whole k-space would make
@@ -71,11 +75,6 @@ def add_sens_maps(
             out.attrs[key] = -1 if value is None else value
 
 
-def _tmp_name(dst: str) -> str:
-    # Ends in .tmp (not .h5), so loaders and this script never pick up an unfinished file.
-    return f"{dst}.{os.getpid()}.tmp"
-
-
 def prepare_file(
     src: str,
     dst: str,
@@ -98,32 +97,35 @@ def prepare_file(
         return src, "bad", str(err)
     if info.num_coils == 0 and single_coil == "skip":
         return src, "skipped", "single-coil"
-    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    tmp = _tmp_name(dst)
-    try:
-        if info.num_coils == 0 and single_coil == "link":
+    status = "copied"
+    link = info.num_coils == 0 and single_coil == "link"
+
+    def write(tmp: str) -> None:
+        # the temp file ends in .tmp (not .h5), so loaders and this script never pick up an unfinished one
+        nonlocal status
+        if link:
+            os.remove(tmp)  # os.link needs a free name
             try:
                 os.link(src, tmp)
                 status = "linked"
+                return
             except OSError:  # other file system: fall back to a copy
-                shutil.copyfile(src, tmp)
-                status = "copied"
-        else:
-            shutil.copyfile(src, tmp)
-            status = "copied"
-            if info.num_coils:
-                with h5py.File(tmp, "r") as f:
-                    has_maps = MAPS_KEY in f and f[MAPS_KEY].shape == f["kspace"].shape
-                if has_maps:
-                    status = "has_maps"
-                else:
-                    add_sens_maps(tmp, progress=progress, compression=compression, **espirit_kwargs)
-                    status = "prepared"
-        os.replace(tmp, dst)
+                pass
+        shutil.copyfile(src, tmp)
+        if info.num_coils:
+            with h5py.File(tmp, "r") as f:
+                has_maps = MAPS_KEY in f and f[MAPS_KEY].shape == f["kspace"].shape
+            if has_maps:
+                status = "has_maps"
+            else:
+                add_sens_maps(tmp, progress=progress, compression=compression, **espirit_kwargs)
+                status = "prepared"
+
+    try:
+        # a hard link keeps the source's mode
+        atomic_write(dst, write, chmod=not link)
         return src, status, ""
     except Exception as err:  # a file that breaks half-way (damaged data chunk, disk full): report, go on
-        if os.path.exists(tmp):
-            os.remove(tmp)
         first = (str(err).strip() or type(err).__name__).splitlines()[0]
         return src, "bad", f"{src}: failed while writing {dst}: {first}"
 
@@ -209,9 +211,13 @@ def run(
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input_dir", required=True, help="folder of fastMRI .h5 files (searched recursively)")
-    p.add_argument("--output_dir", required=True, help="where the files with sens_maps go (same names)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument(
+        "--input_dir", type=str, required=True, help="folder of fastMRI .h5 files (searched recursively)"
+    )
+    p.add_argument(
+        "--output_dir", type=str, required=True, help="where the files with sens_maps go (same names)"
+    )
     p.add_argument(
         "--max_calib",
         type=int,
@@ -228,12 +234,24 @@ def create_argparser() -> argparse.ArgumentParser:
         "--crop", type=float, default=ESPIRIT_DEFAULTS["crop"], help="eigenvalue threshold of the maps"
     )
     p.add_argument(
-        "--device", default=None, help="torch device for ESPIRiT, e.g. cuda:0 (default: cuda if seen)"
+        "--device", type=str, default=None, help="torch device for ESPIRiT, e.g. cuda:0 (None: cuda if seen)"
     )
     p.add_argument("--workers", type=int, default=1, help="processes per rank")
-    p.add_argument("--single_coil", choices=("copy", "link", "skip"), default="copy")
-    p.add_argument("--compression", choices=("none", "gzip", "lzf"), default="none", help="for sens_maps")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument(
+        "--single_coil",
+        type=str,
+        choices=("copy", "link", "skip"),
+        default="copy",
+        help="single-coil files (no maps needed): copy them, symlink them, or leave them out",
+    )
+    p.add_argument(
+        "--compression",
+        type=str,
+        choices=("none", "gzip", "lzf"),
+        default="none",
+        help="h5 compression of the written sens_maps",
+    )
+    p.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     return p
 
 

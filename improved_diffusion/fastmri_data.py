@@ -29,6 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from .augment import AugmentConfig, augment_image, sample_key
+from .io_util import BadFileError, first_line
+from .io_util import list_h5_files as _list_h5
 from .mri.fftc import center_crop, complex_to_channels, ifft2c
 
 # The intensity scale is SCALE_MARGIN x the peak of the image from the largest centred k-space block that is
@@ -45,10 +47,6 @@ _MAPS = "sens_maps"
 _PREPARE_HINT = "run datasets/prepare_fastmri.py to add ESPIRiT sensitivity maps"
 
 CropSize = Optional[Union[int, Tuple[int, int]]]
-
-
-class BadFileError(ValueError):
-    """A data file that cannot be used; the message is one line naming the file and the problem."""
 
 
 def _as_complex_tensor(name: str, x) -> torch.Tensor:
@@ -178,14 +176,11 @@ def list_h5_files(data_dir: str) -> List[str]:
     ``data_dir`` may be a comma-separated list of folders (e.g. the single-coil and multi-coil training
     splits side by side, without their validation splits).
     """
-    found = []
-    for folder in [d.strip() for d in data_dir.split(",") if d.strip()]:
+    folders = [d.strip() for d in data_dir.split(",") if d.strip()]
+    for folder in folders:
         if not os.path.isdir(folder):
             raise ValueError(f"data_dir {folder!r} is not a directory")
-        for root, dirs, files in os.walk(folder):
-            dirs.sort()
-            found.extend(os.path.join(root, f) for f in files if f.endswith((".h5", ".hdf5")))
-    return sorted(set(found))
+    return _list_h5(folders)
 
 
 def check_file(path: str, require_maps: bool = True, crop_size: CropSize = None) -> FileInfo:
@@ -206,7 +201,7 @@ def check_file(path: str, require_maps: bool = True, crop_size: CropSize = None)
     try:
         f = h5py.File(path, "r")
     except OSError as err:
-        raise bad(f"not a readable HDF5 file (corrupt or truncated?): {_first_line(err)}") from None
+        raise bad(f"not a readable HDF5 file (corrupt or truncated?): {first_line(err)}") from None
     try:
         with f:
             if _KSPACE not in f:
@@ -247,7 +242,7 @@ def check_file(path: str, require_maps: bool = True, crop_size: CropSize = None)
     except BadFileError:
         raise
     except (OSError, KeyError, RuntimeError, ValueError) as err:  # h5py's errors on damaged metadata
-        raise bad(f"unreadable: {_first_line(err)}") from None
+        raise bad(f"unreadable: {first_line(err)}") from None
 
 
 Report = Callable[[str], None]
@@ -295,11 +290,6 @@ def check_on_bad_file(on_bad_file: str) -> None:
     """Raise a ValueError unless ``on_bad_file`` is ``"error"`` or ``"skip"``."""
     if on_bad_file not in ("error", "skip"):
         raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
 
 
 def _crop_pair(crop_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
@@ -415,7 +405,7 @@ class FastMRISliceDataset(Dataset):
                 kspace = torch.from_numpy(np.asarray(f[_KSPACE][s]))
                 maps = torch.from_numpy(np.asarray(f[_MAPS][s])) if multicoil else None
         except (OSError, KeyError, RuntimeError, ValueError) as err:
-            raise BadFileError(f"{path}: cannot read slice {s}: {_first_line(err)}") from None
+            raise BadFileError(f"{path}: cannot read slice {s}: {first_line(err)}") from None
         problem = slice_problem(kspace, maps)
         if problem is not None:
             raise BadFileError(f"{path}: slice {s}: {problem}")

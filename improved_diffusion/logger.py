@@ -23,6 +23,8 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Dict, Iterable, List, Optional, TextIO
 
+from .io_util import atomic_write
+
 DEBUG = 10
 INFO = 20
 WARN = 30
@@ -132,12 +134,14 @@ class CSVOutputFormat(KVWriter):
             with open(self.filename, newline="", encoding="utf-8") as f:
                 rows = list(csv.reader(f))[1:]
         pad = len(keys) - len(self.keys)
-        tmp = self.filename + ".tmp"
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(keys)
-            writer.writerows(row + [""] * pad for row in rows)
-        os.replace(tmp, self.filename)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(keys)
+                writer.writerows(row + [""] * pad for row in rows)
+
+        atomic_write(self.filename, write)
         self.keys = keys
 
 

@@ -9,9 +9,11 @@ Units: the network works on ``image / scale`` with ``scale = fastmri_data.scale_
 from the measured k-space (the same scale the model was trained with); measurements are divided by the
 same scale and the outputs multiplied back, so results are in the input k-space's intensity units.
 
-Start time ``t0`` (Chung et al. 2022, "Come-closer-diffuse-faster"): instead of starting the reverse chain
-from pure noise at ``t = T``, start from the zero-filled (data-consistent) image noised to step ``t0``
-with ``q_sample``; on a short-trained prior this worked far better than ``t = T`` (docs/results.md).
+Start (Chung et al. 2022, "Come-closer-diffuse-faster"): instead of starting the reverse chain from pure
+noise at ``t = T``, start from the zero-filled (data-consistent) image noised to an intermediate step with
+``q_sample``; on a short-trained prior this worked far better than ``t = T`` (docs/results.md). The start
+is given as a fraction ``t0`` of the chain or as a step ``start_step`` of the base (e.g. 1000-step) chain,
+and :func:`resolve_start_step` maps it onto the respaced steps the same way for every respacing.
 
 Measurements first go through :func:`improved_diffusion.mri.coils.prepare_slice` (noise model, coil
 prewhitening, maps), so data consistency knows the noise level it must fit to.
@@ -30,25 +32,31 @@ from .mri.coils import prepare_slice
 from .mri.fftc import channels_to_complex, complex_to_channels
 
 SAMPLERS = ("ddim", "ancestral")
-# The recommended respacing (10 network evaluations per sample from t0 = 0.2); scripts/image_sample.py
+# The recommended respacing (10 network evaluations per sample from DEFAULT_T0); scripts/image_sample.py
 # loads the diffusion with it by default.
 RECOMMENDED_RESPACING = "ddim50"
+# The start fraction used when neither ``t0`` nor ``start_step`` is given: base step 179, on ddim50 its
+# step 180, the start that every recorded result of the recommended recipe used (docs/results.md).
+DEFAULT_T0 = 0.18
 
 
 @dataclass
 class ReconOptions:
     """Options of :func:`reconstruct_slice` (the CLI flags of scripts/image_sample.py have the same names).
 
-    The defaults are the recommended recipe: DDIM with eta 1 on the ``ddim50`` respacing, from t0 = 0.2
-    (10 network evaluations per sample), K = 4, noise-aware projection and the discrepancy-principle final
-    step (docs/reconstruction.md; settings chosen on training volumes, docs/results.md).
+    The defaults are the recommended recipe: DDIM with eta 1 on the ``ddim50`` respacing, from t0 = 0.18
+    (base step 180 of ddim50: 10 network evaluations per sample), K = 4, noise-aware projection and the
+    discrepancy-principle final step (docs/reconstruction.md; settings chosen on training volumes,
+    docs/results.md).
 
     Attributes:
         dc: data consistency: ``project`` (x̂0 made consistent before each step), ``replace`` (noisy
             measurements put into x_{t−1} after each step) or ``none``.
         sampler: ``ddim`` (deterministic for eta = 0) or ``ancestral`` (p_sample, uses learned variances).
-        t0: start time: a fraction in (0, 1] of the chain, written with a decimal point ("0.2", "1.0"), or
-            an integer step of the base diffusion ("200"). ``1.0`` = from pure noise at t = T.
+        t0: start time as a fraction in (0, 1] of the base chain (``1.0``: from pure noise at t = T); None
+            means :data:`DEFAULT_T0` unless ``start_step`` is given. Strings need a decimal point ("0.2"),
+            so an old integer step ("200") is refused instead of read as a fraction.
+        start_step: the start as a step ``0 <= s < T`` of the base chain (e.g. 199); excludes ``t0``.
         num_samples: K posterior samples per slice.
         batch_size: samples per network batch (0 = all K at once).
         prior_scale: error of the prior's x̂0 relative to the step's noise level; sets the weight of the
@@ -69,7 +77,8 @@ class ReconOptions:
 
     dc: str = "project"
     sampler: str = "ddim"
-    t0: Union[str, float, int] = "0.2"
+    t0: Optional[Union[str, float]] = None
+    start_step: Optional[int] = None
     num_samples: int = 4
     batch_size: int = 0
     prior_scale: float = 0.7
@@ -102,6 +111,10 @@ class ReconOptions:
             raise ValueError("cg_tol must be > 0 and cg_iters >= 1")
         if not self.clip_value > 0:
             raise ValueError(f"clip_value must be > 0, got {self.clip_value}")
+        if self.t0 is not None and self.start_step is not None:
+            raise ValueError(f"give t0 ({self.t0}) or start_step ({self.start_step}), not both")
+        if self.t0 is not None:
+            parse_t0(self.t0)
         if self.adapt_steps < 0 or not self.adapt_lr > 0:
             raise ValueError("adapt_steps must be >= 0 and adapt_lr > 0")
         parts = self.adapt_parts
@@ -127,6 +140,7 @@ class ReconResult:
         num_samples: K.
         nfe: network evaluations per sample (one per reverse step; samples are batched).
         start_step: the reverse chain's first step index (in the possibly respaced diffusion).
+        base_start_step: that step's timestep in the base chain (the same for every respacing that has it).
         scale: the intensity scale the network saw the data divided by.
         residual: relative data residual ``‖A mean − y‖ / ‖y‖`` of the mean.
         noise_std: complex noise std of one (whitened) k-space sample that DC used.
@@ -142,6 +156,7 @@ class ReconResult:
     num_samples: int
     nfe: int
     start_step: int
+    base_start_step: int
     scale: float
     residual: float
     noise_std: float = float("nan")
@@ -150,36 +165,65 @@ class ReconResult:
     calib_misfit: float = float("nan")
 
 
-def resolve_start_step(t0: Union[str, float, int], diffusion) -> int:
-    """Map a start time to this diffusion's (possibly respaced) step index.
+def parse_t0(t0: Union[str, float]) -> float:
+    """A start fraction in (0, 1] from a float or a string with a decimal point ("0.2", "1.0", "2e-1").
+
+    Raises:
+        ValueError: for anything else, pointing integer-looking values to ``start_step`` (before, "200"
+            meant base step 200; now it is refused rather than silently read as another start).
+    """
+    text = str(t0).strip()
+    looks_int = isinstance(t0, int) or not any(c in text.lower() for c in ".e")
+    try:
+        frac = None if looks_int else float(text)
+    except ValueError:
+        frac = None
+    if frac is None or not 0.0 < frac <= 1.0:
+        hint = f"; for an integer step of the base chain use --start_step {text}" if looks_int else ""
+        raise ValueError(
+            f"t0 must be a fraction in (0, 1] written with a decimal point (e.g. 0.2, 1.0), got {t0!r}{hint}"
+        )
+    return frac
+
+
+def resolve_start_step(
+    diffusion, t0: Optional[Union[str, float]] = None, start_step: Optional[int] = None
+) -> int:
+    """The respaced step index at which the reverse chain starts.
+
+    The rule: the requested base step is ``start_step``, or ``round(t0 * T) - 1`` for a fraction (t0 = 1:
+    ``T - 1``, pure noise; t0 = 0.2 with T = 1000: 199), or that of :data:`DEFAULT_T0` when neither is
+    given. The start is the respaced step whose base timestep is nearest to it (ties: the later one), so
+    every respacing that contains the base step starts exactly there, and one that does not starts at most
+    half its stride away (``ddim50`` with T = 1000 has 0, 20, ..., 980: t0 = 0.2 starts at 200; the full
+    chain at 199; ``start_step 200`` starts both at 200). The base step used is reported as
+    ``ReconResult.base_start_step``.
 
     Args:
-        t0: a fraction in (0, 1] (a float, or a string with a decimal point) of the base chain, or an
-            integer step ``0 <= t0 < T`` of the base diffusion (an int, or a string without a point).
         diffusion: a GaussianDiffusion or SpacedDiffusion.
+        t0: a fraction in (0, 1] of the base chain (see :func:`parse_t0`).
+        start_step: a step ``0 <= s < T`` of the base chain; excludes ``t0``.
 
-    Returns:
-        The largest step index whose base timestep is <= the requested one.
+    Raises:
+        ValueError: both given, or either out of range.
     """
-    timestep_map = list(getattr(diffusion, "timestep_map", range(diffusion.num_timesteps)))
+    timestep_map = [int(s) for s in getattr(diffusion, "timestep_map", range(diffusion.num_timesteps))]
     base_steps = int(getattr(diffusion, "original_num_steps", diffusion.num_timesteps))
-    text = str(t0).strip()
-    try:
-        if isinstance(t0, float) or "." in text or "e" in text.lower():
-            frac = float(text)
-            if not 0.0 < frac <= 1.0:
-                raise ValueError
-            base_t = max(int(math.ceil(frac * base_steps)) - 1, 0)
-        else:
-            base_t = int(text)
-            if not 0 <= base_t < base_steps:
-                raise ValueError
-    except ValueError:
-        raise ValueError(
-            f"t0 must be a fraction in (0, 1] written with a point (e.g. 0.2) or an integer step in "
-            f"[0, {base_steps - 1}], got {t0!r}"
-        ) from None
-    return max(i for i, s in enumerate(timestep_map) if s <= base_t)
+    if t0 is not None and start_step is not None:
+        raise ValueError(f"give t0 ({t0}) or start_step ({start_step}), not both")
+    if start_step is not None:
+        if isinstance(start_step, bool) or int(start_step) != start_step:
+            raise ValueError(f"start_step must be an integer step of the base chain, got {start_step!r}")
+        if not 0 <= int(start_step) < base_steps:
+            raise ValueError(
+                f"start_step must be in [0, {base_steps - 1}] (the base chain), got {start_step}"
+            )
+        base_t = int(start_step)
+    else:
+        frac = parse_t0(DEFAULT_T0 if t0 is None else t0)
+        base_t = min(max(int(round(frac * base_steps)) - 1, 0), base_steps - 1)
+    # nearest base timestep; on a tie the later (noisier) step
+    return min(range(len(timestep_map)), key=lambda i: (abs(timestep_map[i] - base_t), -i))
 
 
 class _CountingModel:
@@ -266,7 +310,7 @@ def reconstruct_slice(
         clip=options.clip,
         clip_value=options.clip_value,
     )
-    start_t = resolve_start_step(options.t0, diffusion)
+    start_t = resolve_start_step(diffusion, t0=options.t0, start_step=options.start_step)
     zero_filled = op.zero_filled()  # (1, H, W); consistent by construction for single-coil
     h, w = op.image_shape
     counter = _CountingModel(model)
@@ -343,6 +387,7 @@ def reconstruct_slice(
         num_samples=options.num_samples,
         nfe=counter.calls // num_chunks,
         start_step=start_t,
+        base_start_step=int(getattr(diffusion, "timestep_map", range(diffusion.num_timesteps))[start_t]),
         scale=scale,
         residual=residual,
         noise_std=data.sigma,

@@ -7,10 +7,10 @@ The defaults are upstream improved-diffusion's with the MRI changes listed in do
 import argparse
 import json
 import os
-import tempfile
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import gaussian_diffusion as gd
+from .io_util import atomic_write_text
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import UNetModel
 
@@ -54,6 +54,41 @@ def model_and_diffusion_defaults() -> Dict[str, Any]:
         in_channels=2,
         channel_mult="",
     )
+
+
+# One ``--help`` line per key of model_and_diffusion_defaults() (tests/test_cli_help.py checks that the keys
+# agree), so every script that exposes these flags shows the same text.
+MODEL_AND_DIFFUSION_HELP: Dict[str, str] = {
+    "image_size": "nominal image side the UNet is built for (sets channel_mult and the attention levels; "
+    "the network itself takes any multiple of its downsampling)",
+    "num_channels": "base channel count of the UNet",
+    "num_res_blocks": "residual blocks per UNet level",
+    "num_heads": "attention heads per attention block",
+    "num_heads_upsample": "attention heads in the upsampling path (-1: same as num_heads)",
+    "attention_resolutions": "feature-map sizes (relative to image_size) with self-attention, e.g. '16,8'",
+    "dropout": "dropout rate in the residual blocks",
+    "learn_sigma": "the network also predicts the variance interpolation (improved-diffusion's L_hybrid)",
+    "sigma_small": "with a fixed variance: use beta-tilde (small) instead of beta",
+    "class_cond": "class-conditional model (not supported for reconstruction)",
+    "diffusion_steps": "T, the number of steps of the base diffusion",
+    "noise_schedule": "beta schedule of the base diffusion",
+    "timestep_respacing": "steps to use: '' = all T, 'ddimN' (N evenly spaced), 'N' or 'a,b,c' "
+    "(upstream's space_timesteps rule)",
+    "use_kl": "train on the variational bound (RESCALED_KL) instead of the MSE",
+    "predict_xstart": "the network predicts x0 instead of the noise",
+    "rescale_timesteps": "feed the network t scaled to [0, 1000) (as upstream)",
+    "rescale_learned_sigmas": "RESCALED_MSE: weight the variational-bound term as upstream",
+    "use_checkpoint": "gradient checkpointing in the UNet (less memory, slower)",
+    "use_scale_shift_norm": "FiLM-like scale-shift conditioning on the timestep embedding",
+    "in_channels": "input channels: 2 = complex image as (real, imaginary)",
+    "channel_mult": "per-level channel multipliers, e.g. '1,2,2' ('' = chosen from image_size)",
+}
+
+MODEL_AND_DIFFUSION_CHOICES: Dict[str, Sequence[Any]] = {"noise_schedule": ("linear", "cosine")}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` of every script: each option shows its default; the description keeps its line breaks."""
 
 
 def create_model_and_diffusion(**kwargs: Any) -> Tuple[UNetModel, SpacedDiffusion]:
@@ -245,14 +280,22 @@ def create_gaussian_diffusion(
 def add_dict_to_argparser(
     parser: argparse.ArgumentParser,
     default_dict: Dict[str, Any],
-    help_texts: Optional[Dict[str, str]] = None,
+    help_texts: Dict[str, str],
+    choices: Optional[Dict[str, Sequence[Any]]] = None,
 ) -> None:
     """Add one ``--key`` flag per entry, typed after its default (bools parsed with :func:`str2bool`).
 
     Args:
-        help_texts: optional ``--help`` line per key (keys without one get none, as upstream's flags).
+        help_texts: the ``--help`` line of every key (model keys: :data:`MODEL_AND_DIFFUSION_HELP`).
+        choices: the allowed values of keys that have a fixed set (argparse then rejects others).
+
+    Raises:
+        ValueError: if a key has no help text (so a new option cannot ship undocumented).
     """
-    help_texts = help_texts or {}
+    choices = choices or {}
+    missing = [k for k in default_dict if not help_texts.get(k)]
+    if missing:
+        raise ValueError(f"add_dict_to_argparser: no help text for {missing}")
     for k, v in default_dict.items():
         if v is None:
             v_type = str
@@ -260,7 +303,13 @@ def add_dict_to_argparser(
             v_type = str2bool
         else:
             v_type = type(v)
-        parser.add_argument(f"--{k}", default=v, type=v_type, help=help_texts.get(k))
+        parser.add_argument(
+            f"--{k}",
+            default=v,
+            type=v_type,
+            choices=choices.get(k),
+            help=help_texts[k],
+        )
 
 
 def add_upstream_flags(parser: argparse.ArgumentParser, flags: Dict[str, Tuple[Any, str]]) -> None:
@@ -271,7 +320,7 @@ def add_upstream_flags(parser: argparse.ArgumentParser, flags: Dict[str, Tuple[A
             f"--{name}",
             default=None,
             type=v_type,
-            help=f"upstream's flag (default {upstream_default}): {note}",
+            help=f"upstream's flag (upstream's default {upstream_default}; None here = not given): {note}",
         )
 
 
@@ -295,6 +344,49 @@ def args_to_dict(args: Any, keys: Iterable[str]) -> Dict[str, Any]:
     return {k: getattr(args, k) for k in keys}
 
 
+def _unknown_flags(tokens: Sequence[str]) -> List[Tuple[Optional[str], Optional[str]]]:
+    """``["--a", "1", "--b=2", "x"]`` -> ``[("a", "1"), ("b", "2"), (None, "x")]`` (stray values get None)."""
+    out, i = [], 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("--"):
+            key, eq, value = tok[2:].partition("=")
+            if not eq:
+                value = tokens[i + 1] if i + 1 < len(tokens) and not tokens[i + 1].startswith("--") else None
+                i += 0 if value is None else 1
+            out.append((key, value))
+        else:
+            out.append((None, tok))
+        i += 1
+    return out
+
+
+def check_model_flags(unknown: Sequence[str], config: Dict[str, Any], config_path: str) -> None:
+    """Model flags left over by a sampling script's parser must agree with the checkpoint's config.
+
+    Upstream's sampling scripts take every model flag; here they come from config.json, so a copy-pasted
+    flag is accepted when it repeats the config's value and refused (one line) when it contradicts it.
+
+    Raises:
+        ValueError: an unknown flag, or a model flag that conflicts with ``config``.
+    """
+    defaults = model_and_diffusion_defaults()
+    for key, value in _unknown_flags(unknown):
+        if key is None or key not in defaults:
+            shown = f"--{key}" if key is not None else value
+            raise ValueError(f"unrecognized argument {shown!r} (see --help)")
+        want = config.get(key, defaults[key])
+        try:
+            given = str2bool(value) if isinstance(defaults[key], bool) else type(defaults[key])(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            given = value
+        if given != want:
+            raise ValueError(
+                f"--{key} {value} conflicts with the checkpoint's config {config_path} ({key}={want!r}); "
+                "model flags come from the checkpoint's config.json, drop the flag"
+            )
+
+
 def str2bool(v: Any) -> bool:
     """Parse yes/no, true/false, t/f, y/n, 1/0 (any case) as a bool."""
     if isinstance(v, bool):
@@ -308,7 +400,7 @@ def str2bool(v: Any) -> bool:
 
 
 def save_config(config: Dict[str, Any], log_dir: str) -> str:
-    """Write ``config`` as ``<log_dir>/config.json`` atomically (temp file in log_dir + os.replace).
+    """Write ``config`` as ``<log_dir>/config.json`` atomically (:func:`io_util.atomic_write_text`).
 
     Returns:
         The path written.
@@ -319,19 +411,7 @@ def save_config(config: Dict[str, Any], log_dir: str) -> str:
         text = json.dumps(config, indent=2, sort_keys=True)
     except TypeError as err:
         raise ValueError(f"save_config: config is not JSON-serializable: {err}") from None
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".tmp", dir=log_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a config is meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write_text(path, text + "\n", fsync=True)
 
 
 def load_config(path: str) -> Dict[str, Any]:

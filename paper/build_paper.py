@@ -25,7 +25,6 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from typing import List, Optional, Tuple
 
 import matplotlib
@@ -34,6 +33,7 @@ from fpdf.enums import XPos, YPos
 from fpdf.fonts import FontFace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from results_values import (  # noqa: E402
     COIL_NAMES,
     RESULT_FILES,
@@ -43,6 +43,8 @@ from results_values import (  # noqa: E402
     fmt_number,
     load_results,
 )
+
+from improved_diffusion.io_util import atomic_write  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FONT_DIR = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf")
@@ -465,16 +467,7 @@ def render(blocks: List[Tuple[str, object]], res: Results, out_path: str, allow_
         else:  # pragma: no cover - parse_source only emits the kinds above
             raise PaperError(f"unknown block kind {kind}")
 
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".pdf.tmp")
-    os.close(fd)
-    try:
-        pdf.output(tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(out_path, pdf.output)
     return used_missing
 
 

@@ -37,17 +37,17 @@ from improved_diffusion import dist_util
 from improved_diffusion.data_consistency import MeasurementOperator
 from improved_diffusion.fastmri_data import BadFileError, scale_from_kspace
 from improved_diffusion.mri.coils import prepare_slice
-from improved_diffusion.recon_io import (
-    SliceInput,
-    SliceOutput,
-    Volume,
-    list_inputs,
-    mask_spec_from_args,
+from improved_diffusion.recon_inputs import SliceInput, Volume, list_inputs, mask_spec_from_args
+from improved_diffusion.recon_outputs import SliceOutput
+from improved_diffusion.recon_runner import (
+    INPUT_HELP,
+    RUN_FLAG_CHOICES,
+    RUN_FLAG_HELP,
     print_report,
     report_error,
     run_files,
 )
-from improved_diffusion.script_util import add_dict_to_argparser
+from improved_diffusion.script_util import HelpFormatter, add_dict_to_argparser
 
 METHODS = ("zero_filled", "sense", "l1_wavelet", "bart_pics")
 # Regularization weights in normalized units (image / scale); generic defaults (see the docstring).
@@ -58,9 +58,9 @@ def baseline_defaults() -> Dict[str, Any]:
     """Every flag of this script (besides ``--input``) with its default."""
     return dict(
         method="l1_wavelet",
-        lamda=-1.0,  # -1: the method's default (DEFAULT_LAMBDA)
+        lamda=-1.0,
         max_iter=100,
-        noise_std=-1.0,  # complex std of a k-space sample; 0 = noiseless; -1 = noise scan or estimate
+        noise_std=-1.0,
         output_dir="recon_out",
         mask_type="random",
         center_fractions="0.08",
@@ -73,12 +73,21 @@ def baseline_defaults() -> Dict[str, Any]:
     )
 
 
+BASELINE_HELP: Dict[str, str] = {
+    **RUN_FLAG_HELP,
+    "method": "the classical reconstruction (module docstring)",
+    "lamda": "regularization weight in normalized units (image / scale); -1 = the method's default "
+    + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LAMBDA.items() if m != "zero_filled"),
+    "max_iter": "iterations of the sigpy solver (of bart pics for bart_pics)",
+}
+
+
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--input", nargs="+", type=str, required=True, help=INPUT_HELP)
+    add_dict_to_argparser(
+        parser, baseline_defaults(), help_texts=BASELINE_HELP, choices={**RUN_FLAG_CHOICES, "method": METHODS}
     )
-    parser.add_argument("--input", nargs="+", required=True, help="h5 files and/or folders of h5 files")
-    add_dict_to_argparser(parser, baseline_defaults())
     return parser
 
 
@@ -153,11 +162,12 @@ def reconstruct_baseline(
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = create_argparser().parse_args(argv)
-    dist_util.setup_dist()
+    try:
+        dist_util.setup_dist()
+    except (ValueError, dist_util.LauncherError) as err:
+        return report_error(err)
     lamda = DEFAULT_LAMBDA.get(args.method, 0.0) if args.lamda < 0 else args.lamda
     try:
-        if args.method not in METHODS:
-            raise ValueError(f"--method must be one of {METHODS}, got {args.method!r}")
         if args.method == "bart_pics":
             from improved_diffusion.mri import bart
 

@@ -3,9 +3,8 @@
 Every ``*.h5`` in a predictions folder must hold ``reconstruction`` (slices, h, w) magnitude; the target
 is the file of the same name in ``--targets_dir`` (e.g. the input folder), key ``reconstruction_rss``
 (multi-coil) or ``reconstruction_esc`` (single-coil), found automatically unless ``--target_key`` is set.
-When shapes differ, both are center-cropped to the common size (fastMRI crops the target to the
-reconstruction). Metrics per volume as fastMRI's evaluate.py (data range = volume max, SSIM 7x7 averaged
-over slices), then mean and standard deviation over volumes.
+The scoring is :mod:`improved_diffusion.evaluation` (fastMRI's metrics per volume, shapes center-cropped
+to the common size); this script prints and writes mean and standard deviation over volumes.
 
 Example:
     python scripts/evaluate.py --predictions_dir recon_out/diffusion recon_out/l1 \
@@ -16,89 +15,33 @@ Example:
 import argparse
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
-import h5py
-import numpy as np
-
-from improved_diffusion.fastmri_data import BadFileError
-from improved_diffusion.mri.metrics import volume_metrics
-from improved_diffusion.recon_io import TARGET_KEYS, center_crop_np, report_error, write_csv
-
-METRICS = ("nmse", "psnr", "ssim")
-CSV_FIELDS = ("method", "predictions_dir", "file", "target", "nmse", "psnr", "ssim")
+from improved_diffusion.evaluation import FOLDER_FIELDS, METRICS, evaluate_folder, summarize
+from improved_diffusion.io_util import BadFileError
+from improved_diffusion.recon_outputs import write_csv
+from improved_diffusion.recon_runner import report_error
+from improved_diffusion.script_util import HelpFormatter
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--predictions_dir", nargs="+", required=True, help="one or more folders of outputs")
-    parser.add_argument("--targets_dir", required=True, help="folder with the target h5 files (same names)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument(
-        "--target_key", default="", help="target dataset; empty: multi-coil files rss, single-coil esc"
+        "--predictions_dir", nargs="+", type=str, required=True, help="one or more folders of outputs"
     )
-    parser.add_argument("--output_csv", default="", help="per-volume rows plus mean/std rows per folder")
+    parser.add_argument(
+        "--targets_dir", type=str, required=True, help="folder with the target h5 files (same names)"
+    )
+    parser.add_argument(
+        "--target_key",
+        type=str,
+        default="",
+        help="target dataset; '' = multi-coil files reconstruction_rss, single-coil reconstruction_esc",
+    )
+    parser.add_argument(
+        "--output_csv", type=str, default="", help="per-volume rows plus mean/std rows per folder ('' = none)"
+    )
     return parser
-
-
-def _read(path: str, key: Optional[str], what: str):
-    """(array, key, attrs) from an h5 file.
-
-    With ``key`` None the target key follows the file's ``kspace``: 4-D (multi-coil) -> RSS, 3-D
-    (single-coil) -> ESC, as fastMRI scores its challenges (its single-coil files hold both keys); a file
-    without ``kspace`` takes whichever target it has.
-    """
-    try:
-        with h5py.File(path, "r") as f:
-            keys = [key] if key else [TARGET_KEYS[True], TARGET_KEYS[False]]
-            if not key and "kspace" in f:
-                keys = [TARGET_KEYS[f["kspace"].ndim == 4]]
-            for k in keys:
-                if k in f:
-                    return np.asarray(f[k][()], dtype=np.float64), k, dict(f.attrs)
-            raise BadFileError(f"{path}: {what} has none of the keys {keys} (keys: {sorted(f.keys())})")
-    except OSError as err:
-        raise BadFileError(f"{path}: not a readable HDF5 file ({str(err).splitlines()[0]})") from None
-
-
-def evaluate_folder(predictions_dir: str, targets_dir: str, target_key: str = "") -> List[Dict]:
-    """Per-volume metric rows for one predictions folder (sorted by file name)."""
-    if not os.path.isdir(predictions_dir):
-        raise BadFileError(f"{predictions_dir}: predictions folder does not exist")
-    names = sorted(f for f in os.listdir(predictions_dir) if f.endswith((".h5", ".hdf5")))
-    if not names:
-        raise BadFileError(f"{predictions_dir}: no .h5 predictions")
-    rows = []
-    for name in names:
-        pred, _, attrs = _read(os.path.join(predictions_dir, name), "reconstruction", "prediction")
-        target_path = os.path.join(targets_dir, name)
-        if not os.path.isfile(target_path):
-            raise BadFileError(f"{target_path}: no target file for prediction {name}")
-        target, key, _ = _read(target_path, target_key or None, "target")
-        if pred.ndim != 3 or target.ndim != 3 or pred.shape[0] != target.shape[0]:
-            raise BadFileError(
-                f"{os.path.join(predictions_dir, name)}: reconstruction {pred.shape} and target {key} "
-                f"{target.shape} must be (slices, h, w) with the same number of slices"
-            )
-        common = (min(pred.shape[1], target.shape[1]), min(pred.shape[2], target.shape[2]))
-        pred, target = center_crop_np(pred, common), center_crop_np(target, common)
-        method = str(attrs.get("method", os.path.basename(os.path.normpath(predictions_dir))))
-        if method == "diffusion":  # tell the samplers and data-consistency modes apart
-            method += f" ({attrs.get('sampler', '?')}, dc={attrs.get('dc', '?')})"
-        row = {"method": method, "predictions_dir": predictions_dir, "file": name, "target": key}
-        row.update(volume_metrics(target, pred))
-        rows.append(row)
-    return rows
-
-
-def summarize(rows: Sequence[Dict]) -> Dict[str, float]:
-    """Mean and (population) standard deviation over volumes of each metric."""
-    out = {}
-    for m in METRICS:
-        values = np.array([r[m] for r in rows], dtype=np.float64)
-        out[m], out[m + "_std"] = float(values.mean()), float(values.std())
-    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -126,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             row.update({m: s[m + suffix] for m in METRICS})
             csv_rows.append(row)
     if args.output_csv:
-        write_csv(args.output_csv, csv_rows, CSV_FIELDS)
+        write_csv(args.output_csv, csv_rows, FOLDER_FIELDS)
         print(f"wrote {args.output_csv}")
     return 0
 

@@ -4,8 +4,9 @@ Model and diffusion options come from the checkpoint's config.json (written at t
 flags; only sampling options are flags. Fully sampled inputs are undersampled retrospectively with the
 mask flags; inputs that carry a ``mask`` are used as they are. See docs/reconstruction.md.
 
-Example (the defaults are the recommended recipe: DDIM-50 with eta 1 from t0 = 0.2, K = 4, noise-aware DC
-with the discrepancy-principle final step; the committed demo checkpoint is the default ``--model_path``):
+Example (the defaults are the recommended recipe: DDIM-50 with eta 1 from t0 = 0.18 (base step 180), K = 4,
+noise-aware DC with the discrepancy-principle final step; the committed demo checkpoint is the default
+``--model_path``):
     python scripts/image_sample.py --input demo_data/singlecoil_val \
         --output_dir recon_out/diffusion --mask_type random --accelerations 4 --center_fractions 0.08
 Distributed: ``mpiexec -n 2 python scripts/image_sample.py ...`` or ``torchrun --nproc_per_node 2 ...``
@@ -16,37 +17,45 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
 from improved_diffusion import dist_util
+from improved_diffusion.data_consistency import CLIP_MODES, DC_MODES
 from improved_diffusion.fastmri_data import BadFileError
-from improved_diffusion.recon_io import (
-    SliceInput,
-    SliceOutput,
-    Volume,
-    list_inputs,
-    mask_spec_from_args,
+from improved_diffusion.inference import DEMO_MODEL, load_model
+from improved_diffusion.recon_inputs import SliceInput, Volume, list_inputs, mask_spec_from_args
+from improved_diffusion.recon_outputs import SliceOutput
+from improved_diffusion.recon_runner import (
+    INPUT_HELP,
+    RUN_FLAG_CHOICES,
+    RUN_FLAG_HELP,
     print_report,
     report_error,
     run_files,
     seed_for_slice,
 )
-from improved_diffusion.reconstruction import RECOMMENDED_RESPACING, ReconOptions, reconstruct_slice
+from improved_diffusion.reconstruction import (
+    DEFAULT_T0,
+    RECOMMENDED_RESPACING,
+    ReconOptions,
+    parse_t0,
+    reconstruct_slice,
+    resolve_start_step,
+)
 from improved_diffusion.script_util import (
+    HelpFormatter,
     add_dict_to_argparser,
-    create_model_and_diffusion,
+    add_upstream_flags,
+    check_model_flags,
     load_config,
-    model_and_diffusion_defaults,
-    str2bool,
 )
 
-# The committed demo model (README "Train" has the command that made it): the default, so the quick start
-# reconstructs the demo data without training first.
-DEMO_MODEL = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "demo", "ema_0.999_002321.pt"
-)
+# Upstream's image_sample.py flag, mapped onto --clip (a note line says how).
+UPSTREAM_SAMPLE_FLAGS = {
+    "clip_denoised": (True, "True keeps --clip (x0 bounded before data consistency), False sets --clip none"),
+}
 
 
 def sample_defaults() -> Dict[str, Any]:
@@ -59,17 +68,18 @@ def sample_defaults() -> Dict[str, Any]:
         mask_type="random",
         center_fractions="0.08",
         accelerations="4",
-        seed=-1,  # mask seed; -1 = fastMRI's per-file seed from the file name
+        seed=-1,
         # sampling
         use_ddim=recon.sampler == "ddim",
         timestep_respacing=RECOMMENDED_RESPACING,
         eta=recon.eta,
-        t0=str(recon.t0),
+        t0="",
+        start_step=-1,
         num_samples=recon.num_samples,
         batch_size=recon.batch_size,
         sample_seed=0,
         # noise and data consistency
-        noise_std=-1.0,  # complex std of a k-space sample; 0 = noiseless; -1 = noise scan or estimate
+        noise_std=-1.0,
         dc=recon.dc,
         prior_scale=recon.prior_scale,
         cg_tol=recon.cg_tol,
@@ -89,117 +99,110 @@ def sample_defaults() -> Dict[str, Any]:
     )
 
 
+SAMPLE_HELP: Dict[str, str] = {
+    **RUN_FLAG_HELP,
+    "model_path": "checkpoint .pt with the config.json of its training run beside it (model flags come "
+    "from there)",
+    "use_ddim": "DDIM sampling (else ancestral p_sample over the respaced steps, with learned variances)",
+    "timestep_respacing": "steps to sample over: 'ddimN' (N evenly spaced), 'N' or 'a,b,c' (upstream's "
+    "rule); '' = all training steps",
+    "eta": "DDIM eta: 0 deterministic, 1 ancestral-like",
+    "t0": f"start as a fraction in (0, 1] of the base chain, with a decimal point (1.0 = from pure noise); "
+    f"'' = {DEFAULT_T0} unless --start_step is given; the chain starts at the respaced step nearest to base "
+    "step round(t0 T) - 1",
+    "start_step": "start at this step of the base chain (e.g. 199 of 1000; the respaced step nearest to "
+    "it); -1 = use --t0; excludes --t0",
+    "num_samples": "K posterior samples per slice (their mean is the output, their spread the std map)",
+    "batch_size": "samples per network batch (0 = all K at once); NFE per sample is unchanged",
+    "sample_seed": "seed of the sampling noise, combined with the file name and slice (shard-independent)",
+    "dc": "data consistency: project (x0 made consistent before each step), replace (measured k-space put "
+    "into x_{t-1}) or none",
+    "prior_scale": "error of the prior's x0 relative to the step's noise level (weight of the "
+    "measurements in each DC step)",
+    "cg_tol": "multi-coil CG solves stop when their residual has fallen by this factor",
+    "cg_iters": "iteration cap of the CG solves",
+    "final_dc": "end every sample with the discrepancy-principle DC step (fit to the noise level)",
+    "clip": "bound on x0 before DC (upstream's --clip_denoised True is magnitude-like, False is none)",
+    "clip_value": "the bound, in normalized units (image / scale)",
+    "adapt_steps": "test-time adaptation: at most this many Adam steps fitting part of the prior to the "
+    "scan's measurements after a one-sample first pass (0 = off; docs/reconstruction.md)",
+    "adapt_lr": "learning rate of the test-time adaptation",
+    "adapt_params": "what adapts: norm (GroupNorm scales/shifts), out (output block) or norm,out",
+}
+SAMPLE_CHOICES: Dict[str, Sequence[Any]] = {**RUN_FLAG_CHOICES, "dc": DC_MODES, "clip": CLIP_MODES}
+
+
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--input", nargs="+", required=True, help="h5 files and/or folders of h5 files")
-    add_dict_to_argparser(parser, sample_defaults())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--input", nargs="+", type=str, required=True, help=INPUT_HELP)
+    add_dict_to_argparser(parser, sample_defaults(), help_texts=SAMPLE_HELP, choices=SAMPLE_CHOICES)
+    add_upstream_flags(parser, UPSTREAM_SAMPLE_FLAGS)  # so copy-pasted upstream commands run
     return parser
 
 
-def _unknown_flags(tokens: Sequence[str]) -> List[Tuple[str, Optional[str]]]:
-    """``["--a", "1", "--b=2", "x"]`` -> ``[("a", "1"), ("b", "2"), (None, "x")]`` (stray values get None)."""
-    out, i = [], 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if tok.startswith("--"):
-            key, eq, value = tok[2:].partition("=")
-            if not eq:
-                value = tokens[i + 1] if i + 1 < len(tokens) and not tokens[i + 1].startswith("--") else None
-                i += 0 if value is None else 1
-            out.append((key, value))
-        else:
-            out.append((None, tok))
-        i += 1
-    return out
+def apply_clip_denoised(args: argparse.Namespace) -> Optional[str]:
+    """Map upstream's ``--clip_denoised`` onto ``--clip``; returns the note line (None when not given)."""
+    if args.clip_denoised is None:
+        return None
+    if args.clip_denoised:
+        return f"note: --clip_denoised True: x0 is bounded by --clip {args.clip} before data consistency"
+    args.clip = "none"
+    return "note: --clip_denoised False: --clip none (x0 is not bounded before data consistency)"
 
 
-def check_model_flags(unknown: Sequence[str], config: Dict[str, Any], config_path: str) -> None:
-    """Model flags on the command line must agree with the checkpoint's config (else a clear error)."""
-    defaults = model_and_diffusion_defaults()
-    for key, value in _unknown_flags(unknown):
-        if key is None or key not in defaults:
-            shown = f"--{key}" if key is not None else value
-            raise ValueError(f"unrecognized argument {shown!r} (see --help)")
-        want = config.get(key, defaults[key])
+def recon_options(args: argparse.Namespace) -> ReconOptions:
+    """The :class:`ReconOptions` of the flags (validated: one ValueError line naming the bad flag)."""
+    t0 = str(args.t0).strip() or None
+    start_step = None if int(args.start_step) < 0 else int(args.start_step)
+    if t0 is not None and start_step is not None:
+        raise ValueError(f"--t0 {t0} and --start_step {start_step}: give one start, not both")
+    if t0 is not None:
         try:
-            given = str2bool(value) if isinstance(defaults[key], bool) else type(defaults[key])(value)
-        except (TypeError, ValueError, argparse.ArgumentTypeError):
-            given = value
-        if given != want:
-            raise ValueError(
-                f"--{key} {value} conflicts with the checkpoint's config {config_path} ({key}={want!r}); "
-                "model flags come from the checkpoint's config.json, drop the flag"
-            )
-
-
-def load_model(model_path: str, timestep_respacing: str, device: torch.device):
-    """The checkpoint's model (eval mode, on ``device``) and its diffusion respaced for sampling.
-
-    Returns:
-        ``(model, diffusion, config)``.
-    """
-    if not model_path:
-        raise ValueError("--model_path is required (a checkpoint .pt with config.json beside it)")
-    config = load_config(model_path)
-    keys = model_and_diffusion_defaults().keys()
-    missing = [k for k in keys if k not in config]
-    if missing:
-        raise ValueError(f"{model_path}: config.json lacks model keys {missing}")
-    options = {k: config[k] for k in keys}
-    if int(options["in_channels"]) != 2:
-        raise ValueError(
-            f"{model_path}: config has in_channels={options['in_channels']}, but reconstruction feeds "
-            "complex images as 2 channels (real, imaginary)"
-        )
-    if options["class_cond"]:
-        raise ValueError(f"{model_path}: class-conditional models are not supported for reconstruction")
-    options["timestep_respacing"] = timestep_respacing
-    model, diffusion = create_model_and_diffusion(**options)
-    state = dist_util.load_state_dict(model_path, map_location="cpu")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        raise ValueError(
-            f"{model_path}: weights do not match the model built from its config.json ({first[0]} "
-            f"{first[1].strip() if len(first) > 1 else ''})"
-        ) from None
-    model.to(device)
-    model.eval()
-    return model, diffusion, config
+            parse_t0(t0)
+        except ValueError as err:
+            raise ValueError(f"--{err}") from None
+    options = ReconOptions(
+        dc=args.dc,
+        sampler="ddim" if args.use_ddim else "ancestral",
+        t0=t0,
+        start_step=start_step,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        prior_scale=args.prior_scale,
+        cg_tol=args.cg_tol,
+        cg_iters=args.cg_iters,
+        final_dc=args.final_dc,
+        clip=args.clip,
+        clip_value=args.clip_value,
+        eta=args.eta,
+        adapt_steps=args.adapt_steps,
+        adapt_lr=args.adapt_lr,
+        adapt_params=args.adapt_params,
+    )
+    options.validate()
+    return options
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = create_argparser()
     args, unknown = parser.parse_known_args(argv)
-    dist_util.setup_dist()
     try:
+        dist_util.setup_dist()
+    except (ValueError, dist_util.LauncherError) as err:
+        return report_error(err)
+    try:
+        note = apply_clip_denoised(args)
+        if note and dist_util.is_main_process():
+            print(note)
         paths = list_inputs(args.input)
         spec = mask_spec_from_args(args)
         config_path = args.model_path
         config = load_config(args.model_path) if args.model_path else {}
         check_model_flags(unknown, config, config_path)
-        options = ReconOptions(
-            dc=args.dc,
-            sampler="ddim" if args.use_ddim else "ancestral",
-            t0=args.t0,
-            num_samples=args.num_samples,
-            batch_size=args.batch_size,
-            prior_scale=args.prior_scale,
-            cg_tol=args.cg_tol,
-            cg_iters=args.cg_iters,
-            final_dc=args.final_dc,
-            clip=args.clip,
-            clip_value=args.clip_value,
-            eta=args.eta,
-            adapt_steps=args.adapt_steps,
-            adapt_lr=args.adapt_lr,
-            adapt_params=args.adapt_params,
-        )
-        options.validate()
+        options = recon_options(args)
         model, diffusion, config = load_model(args.model_path, args.timestep_respacing, dist_util.dev())
+        # a start outside this diffusion's chain is refused now, not at the first slice
+        resolve_start_step(diffusion, t0=options.t0, start_step=options.start_step)
 
         def reconstruct(volume: Volume, slice_idx: int, inp: SliceInput) -> SliceOutput:
             opts = dataclasses.replace(options, seed=seed_for_slice(args.sample_seed, volume.name, slice_idx))
@@ -224,6 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 noise_source=r.noise_source,
                 noise_ratio=r.noise_ratio,
                 calib_misfit=r.calib_misfit,
+                start_step=r.base_start_step,
             )
 
         method_attrs = {
@@ -231,7 +235,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "checkpoint": os.path.abspath(args.model_path),
             "sampler": options.sampler,
             "timestep_respacing": args.timestep_respacing or str(config["diffusion_steps"]),
-            "t0": str(args.t0),
+            # the start as asked for (the base step it gave is the output's start_step attr)
+            "t0": options.t0 or ("" if options.start_step is not None else str(DEFAULT_T0)),
+            "start_step": -1 if options.start_step is None else options.start_step,
             "dc": options.dc,
             "prior_scale": options.prior_scale,
             "cg_tol": options.cg_tol,
@@ -241,6 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "clip_value": options.clip_value,
             "eta": options.eta,
             "num_samples": options.num_samples,
+            "batch_size": options.batch_size,  # the noise draws follow the batches
             "sample_seed": args.sample_seed,
         }
         result = run_files(

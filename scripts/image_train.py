@@ -16,17 +16,22 @@ import json
 import os
 import random
 import sys
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from improved_diffusion import dist_util, logger
 from improved_diffusion.augment import AUGMENT_HELP, AugmentConfig, augment_defaults, config_from_flags
+from improved_diffusion.checkpoint import CheckpointSaveError, find_resume_checkpoint
 from improved_diffusion.fastmri_data import BadFileError, FileInfo, index_data, load_data
+from improved_diffusion.io_util import atomic_write_text
 from improved_diffusion.resample import create_named_schedule_sampler
 from improved_diffusion.script_util import (
+    MODEL_AND_DIFFUSION_CHOICES,
+    MODEL_AND_DIFFUSION_HELP,
     UPSTREAM_TRAIN_FLAGS,
+    HelpFormatter,
     add_dict_to_argparser,
     add_upstream_flags,
     args_to_dict,
@@ -37,12 +42,7 @@ from improved_diffusion.script_util import (
     save_config,
     upstream_flag_notes,
 )
-from improved_diffusion.train_util import (
-    CheckpointSaveError,
-    NonFiniteLossError,
-    TrainLoop,
-    find_resume_checkpoint,
-)
+from improved_diffusion.train_util import PRECISIONS, NonFiniteLossError, TrainLoop
 
 # Test hook: when set, every rank writes <log_dir>/rank_report_<rank>.json (hash of its final parameters and
 # the files it read), so the distributed tests can check gradient sync and data sharding.
@@ -78,12 +78,50 @@ def train_defaults() -> Dict[str, Any]:
     )
 
 
+TRAIN_HELP: Dict[str, str] = {
+    "data_dir": "folder of fastMRI-format h5 files (searched recursively; docs/data.md)",
+    "log_dir": "run folder for checkpoints, config.json and logs ('' = $OPENAI_LOGDIR or a temp folder)",
+    "schedule_sampler": "how training timesteps are drawn",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "lr_anneal_steps": "anneal the learning rate linearly to 0 over this many steps (0: constant)",
+    "max_steps": "stop after this many steps (0: run until stopped, or until lr_anneal_steps)",
+    "batch_size": "slices per step per rank",
+    "microbatch": "split each batch into chunks of this size for the backward passes (-1: no split)",
+    "ema_rate": "comma list of EMA decay rates; one EMA checkpoint is kept per rate",
+    "ema_warmup": "ramp the EMA decay up over the first steps (min(rate, (1 + step) / (10 + step)))",
+    "log_interval": "steps between log lines",
+    "save_interval": "steps between checkpoints",
+    "resume_checkpoint": "model%%06d.pt to resume from, or a log folder (its newest complete checkpoint "
+    "set); '' = start fresh",
+    "use_fp16": "fp16 mixed precision (alias of --precision fp16)",
+    "precision": "fp32, fp16 or bf16 ('' = fp16 if use_fp16 else fp32)",
+    "max_nan_steps": "stop after this many consecutive steps with a non-finite loss",
+    "seed": "seed of the model initialization, data order and timesteps",
+    "crop_size": "'' (full slices), 'N' or 'H,W': centre crop of the training images",
+    "skip_edge_slices": "leave out this many slices at each end of every volume",
+    "num_workers": "data-loader worker processes",
+    "on_bad_file": "error: refuse to start on a bad file; skip: leave bad files out with one line each",
+    "deterministic": "deterministic cuDNN/torch algorithms (slower; for reproducibility checks)",
+}
+TRAIN_CHOICES: Dict[str, Sequence[Any]] = {
+    "schedule_sampler": ("uniform", "loss-second-moment"),
+    "precision": ("", *PRECISIONS),
+    "on_bad_file": ("error", "skip"),
+}
+
+
 def create_argparser() -> argparse.ArgumentParser:
     defaults = train_defaults()
     defaults.update(augment_defaults())  # augmentation and patches (docs/training.md); default: none
     defaults.update(model_and_diffusion_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dict_to_argparser(parser, defaults, help_texts=AUGMENT_HELP)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    add_dict_to_argparser(
+        parser,
+        defaults,
+        help_texts={**TRAIN_HELP, **AUGMENT_HELP, **MODEL_AND_DIFFUSION_HELP},
+        choices={**TRAIN_CHOICES, **MODEL_AND_DIFFUSION_CHOICES},
+    )
     add_upstream_flags(parser, UPSTREAM_TRAIN_FLAGS)  # so copy-pasted upstream commands run
     return parser
 
@@ -339,17 +377,13 @@ def main() -> None:
     gc.collect()
     if report:
         path = os.path.join(log_dir, f"rank_report_{rank}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(
-                {
-                    "rank": rank,
-                    "initial_params_sha256": initial_digest,
-                    "params_sha256": param_digest(model),
-                    "files": sorted(seen_files),
-                },
-                f,
-            )
-        os.replace(path + ".tmp", path)
+        report_data = {
+            "rank": rank,
+            "initial_params_sha256": initial_digest,
+            "params_sha256": param_digest(model),
+            "files": sorted(seen_files),
+        }
+        atomic_write_text(path, json.dumps(report_data))
     dist_util.barrier()
     dist_util.cleanup_dist()
 

@@ -1,7 +1,8 @@
 """Draw unconditional samples from a trained prior, to see what it has learned (upstream's image_sample.py).
 
 Model and diffusion options come from the checkpoint's config.json, never from flags (the same
-``load_model`` as scripts/image_sample.py); only sampling options are flags. Writes to ``--output_dir``:
+``improved_diffusion.load_model`` as scripts/image_sample.py); only sampling options are flags. Writes to
+``--output_dir``:
 
 * ``samples.npz``: ``arr_0`` (N, H, W, 2) float32, the complex samples as (real, imaginary) in the last axis
   (upstream's NHWC layout, in the normalized units the model was trained on: image / scale), and
@@ -21,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 import sys
 import time
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -29,14 +29,15 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-try:
-    from image_sample import DEMO_MODEL, check_model_flags, load_model
-except ImportError:  # imported from elsewhere than this folder (tests)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from image_sample import DEMO_MODEL, check_model_flags, load_model
-
+from improved_diffusion.inference import DEMO_MODEL, load_model
+from improved_diffusion.io_util import atomic_write, atomic_write_text
 from improved_diffusion.mri.fftc import channels_to_complex
-from improved_diffusion.script_util import add_dict_to_argparser, downsampling_factor
+from improved_diffusion.script_util import (
+    HelpFormatter,
+    add_dict_to_argparser,
+    check_model_flags,
+    downsampling_factor,
+)
 
 
 def sample_defaults() -> Dict[str, Any]:
@@ -77,10 +78,10 @@ SAMPLE_HELP = {
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    add_dict_to_argparser(
+        parser, sample_defaults(), help_texts=SAMPLE_HELP, choices={"device": ("auto", "cpu", "cuda")}
     )
-    add_dict_to_argparser(parser, sample_defaults(), help_texts=SAMPLE_HELP)
     return parser
 
 
@@ -130,33 +131,6 @@ def magnitude_grid(magnitude: np.ndarray, vmax: float) -> np.ndarray:
         r, c = divmod(i, cols)
         grid[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = scaled[i].round()
     return grid
-
-
-def _atomic(path: str, write) -> None:
-    """``write(f)`` into a temp file beside ``path``, then rename it to ``path``."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _load(model_path: str, respacing: str, device: torch.device):
-    """load_model with every way a checkpoint can be unusable turned into one ValueError line."""
-    if not model_path:
-        raise ValueError("--model_path is required (a checkpoint .pt with config.json beside it)")
-    if not os.path.isfile(model_path):
-        raise ValueError(f"--model_path {model_path}: no such file")
-    try:
-        return load_model(model_path, respacing, device)
-    except (ValueError, FileNotFoundError) as err:
-        raise ValueError(str(err).strip().splitlines()[0]) from None
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{model_path}: cannot load the checkpoint: {first}") from None
 
 
 def draw_samples(
@@ -213,7 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.eta < 0:
             raise ValueError(f"--eta must be >= 0, got {args.eta}")
         device = pick_device(args.device)
-        model, diffusion, config = _load(args.model_path, args.timestep_respacing, device)
+        model, diffusion, config = load_model(args.model_path, args.timestep_respacing, device)
         check_model_flags(unknown, config, args.model_path)  # model flags: only ones that agree
         shape = parse_sample_size(args.sample_size, config["image_size"])
         factor = downsampling_factor(config)
@@ -243,12 +217,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     magnitude = np.abs(channels_to_complex(torch.from_numpy(samples)).numpy()).astype(np.float32)
 
     npz = os.path.join(args.output_dir, "samples.npz")
-    _atomic(npz, lambda f: np.savez(f, arr_0=complex_nhwc, magnitude=magnitude))
+
+    def write_npz(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a path
+            np.savez(f, arr_0=complex_nhwc, magnitude=magnitude)
+
+    atomic_write(npz, write_npz)
     from PIL import Image
 
     vmax = args.png_vmax if args.png_vmax > 0 else float(magnitude.max())
     png = os.path.join(args.output_dir, "samples.png")
-    _atomic(png, lambda f: Image.fromarray(magnitude_grid(magnitude, vmax)).save(f, format="PNG"))
+    atomic_write(png, lambda tmp: Image.fromarray(magnitude_grid(magnitude, vmax)).save(tmp, format="PNG"))
     q = np.percentile(magnitude, [50, 99, 100])
     info = {
         "model_path": os.path.abspath(args.model_path),
@@ -260,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "png_vmax": vmax,
     }
     js = os.path.join(args.output_dir, "samples.json")
-    _atomic(js, lambda f: f.write((json.dumps(info, indent=1, default=float) + "\n").encode()))
+    atomic_write_text(js, json.dumps(info, indent=1, default=float) + "\n")
     print(
         f"{args.num_samples} samples {shape[0]}x{shape[1]} in {elapsed:.1f} s -> {npz}, {png}; "
         f"|x| median {q[0]:.3f}, p99 {q[1]:.3f}, max {q[2]:.3f}"

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from improved_diffusion.train_util import list_complete_checkpoints
+from improved_diffusion.checkpoint import list_complete_checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "image_train.py")

@@ -82,7 +82,7 @@ def test_layout_keys_shapes_dtypes(builds):
             header = f["ismrmrd_header"][()].decode()
             assert "<x>128</x>" in header and f"<x>{a['fov_mm']:g}</x>" in header
     # the reconstruction scripts open the files and will estimate maps (none stored)
-    from improved_diffusion.recon_io import MaskSpec, open_volume
+    from improved_diffusion.recon_inputs import MaskSpec, open_volume
 
     vol = open_volume(os.path.join(root, "multicoil8_sigma0.001", NAMES[0]), MaskSpec())
     assert vol.num_coils == 8 and not vol.has_maps and vol.target_key == "reconstruction_rss"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from improved_diffusion.evaluation import read_volume
 from improved_diffusion.mri.fftc import fft2c, ifft2c
 from improved_diffusion.mri.subsample import create_mask_for_mask_type, seed_from_fname
 from improved_diffusion.script_util import (
@@ -135,6 +136,9 @@ def test_image_sample_writes_documented_outputs(setup, diffusion_out, capsys):
             ):
                 assert key in f.attrs
             assert f.attrs["nfe"] == 2 and f.attrs["acceleration"] == 4.0
+            # t0 0.5 of 20 base steps: base step 9, nearest kept step of [0, 6, 13, 19] is 6
+            assert f.attrs["start_step"] == 6 and f.attrs["t0"] == "0.5"
+            assert len(f.attrs["options_hash"]) == 12
             assert f.attrs["target_key"] == ("reconstruction_rss" if multicoil else "reconstruction_esc")
             x, mask = f["reconstruction_complex"][()], f["mask"][()]
             # the retrospective mask is the mask module's, seeded from the file name
@@ -151,6 +155,7 @@ def test_image_sample_writes_documented_outputs(setup, diffusion_out, capsys):
         stem = name[:-3]
         rows = evaluate_rows(diffusion_out / "metrics" / f"{stem}.csv")
         assert [r["slice"] for r in rows] == ["0", "1", "volume"]
+        assert {r["start_step"] for r in rows} == {"6"}
         assert {"nmse", "psnr", "ssim", "target"} <= set(rows[0])
         assert os.path.isfile(diffusion_out / "png" / f"{stem}_slice000.png")
     assert len(evaluate_rows(diffusion_out / "metrics.csv")) == 2
@@ -163,20 +168,85 @@ def evaluate_rows(path):
         return list(csv.DictReader(f))
 
 
-def test_existing_outputs_are_skipped_unless_overwrite(setup, diffusion_out, capsys):
+def test_outputs_are_skipped_with_the_same_options_and_redone_with_others(setup, diffusion_out, capsys):
     path = diffusion_out / "sc_a.h5"
     before = os.stat(path).st_mtime_ns
     capsys.readouterr()
     assert image_sample.main(_sample_args(setup, diffusion_out)) == 0
-    assert "skipped sc_a.h5" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "skipped sc_a.h5" in out and "skipped mc_b.h5" in out and "redoing" not in out
     assert os.stat(path).st_mtime_ns == before
-    assert (
-        image_sample.main(_sample_args(setup, diffusion_out, "--overwrite", "True", "--dc", "replace")) == 0
-    )
+    # other options: redone, with one line each saying so
+    assert image_sample.main(_sample_args(setup, diffusion_out, "--dc", "replace")) == 0
+    out = capsys.readouterr().out
+    assert out.count("redoing") == 2 and "redoing sc_a.h5" in out and "other options" in out
     with h5py.File(path, "r") as f:
         assert f.attrs["dc"] == "replace"
-    out = capsys.readouterr().out
     assert "s/slice" in out and "NFE 2" in out and "PSNR" in out
+    # --overwrite redoes even with the same options
+    before = os.stat(path).st_mtime_ns
+    assert (
+        image_sample.main(_sample_args(setup, diffusion_out, "--dc", "replace", "--overwrite", "True")) == 0
+    )
+    assert os.stat(path).st_mtime_ns != before and "skipped" not in capsys.readouterr().out
+
+
+def test_summary_csv_covers_only_this_runs_files(setup, diffusion_out, tmp_path):
+    out = tmp_path / "one"
+    single = os.path.join(setup["data"], "sc_a.h5")
+    for name in ("sc_a.h5", "mc_b.h5"):  # a folder that already holds another run's metrics
+        os.makedirs(out / "metrics", exist_ok=True)
+        with open(diffusion_out / "metrics" / name.replace(".h5", ".csv")) as f:
+            (out / "metrics" / name.replace(".h5", ".csv")).write_text(f.read())
+    args = _sample_args(setup, out)
+    args[args.index("--input") + 1] = single
+    assert image_sample.main(args + ["--start_step", "13", "--t0", ""]) == 0
+    rows = evaluate_rows(out / "metrics.csv")
+    assert [r["file"] for r in rows] == ["sc_a.h5"] and rows[0]["start_step"] == "13"
+    with h5py.File(out / "sc_a.h5", "r") as f:
+        assert f.attrs["start_step"] == 13 and f.attrs["nfe"] == 3
+
+
+def test_upstream_clip_denoised_maps_onto_clip(setup, tmp_path, capsys):
+    args = _sample_args(setup, tmp_path / "clip", "--clip_denoised", "False", "--num_samples", "1")
+    args[args.index("--input") + 1] = os.path.join(setup["data"], "sc_a.h5")
+    assert image_sample.main(args) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: --clip_denoised False: --clip none (x0 is not bounded before data consistency)"]
+    with h5py.File(tmp_path / "clip" / "sc_a.h5", "r") as f:
+        assert f.attrs["clip"] == "none"
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--t0", "200"], "use --start_step 200"),
+        (["--t0", "1"], "use --start_step 1"),
+        (["--t0", "1.5"], "--t0 must be a fraction in (0, 1]"),
+        (["--start_step", "13"], "give one start, not both"),  # with _sample_args' --t0 0.5
+        (["--t0", "", "--start_step", "20"], "start_step must be in [0, 19]"),
+    ],
+)
+def test_bad_start_gives_one_clear_error(setup, tmp_path, capsys, flags, expected):
+    assert image_sample.main(_sample_args(setup, tmp_path / "out", *flags)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["image_sample", "baseline_recon"])
+def test_launcher_error_is_one_line(setup, tmp_path, capsys, monkeypatch, script):
+    from improved_diffusion import dist_util
+
+    def fail():
+        raise dist_util.LauncherError("mpiexec started 2 ranks, but mpi4py is not installed")
+
+    monkeypatch.setattr(dist_util, "setup_dist", fail)
+    module = image_sample if script == "image_sample" else baseline_recon
+    args = ["--input", setup["data"], "--output_dir", str(tmp_path / "out")]
+    assert module.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: mpiexec started 2 ranks, but mpi4py is not installed"]
 
 
 def _bad_case(tmp_path, case):
@@ -324,5 +394,5 @@ def test_evaluate_target_follows_the_kspace_kind(tmp_path):
             f["kspace"] = np.zeros(kspace_shape, np.complex64)
             f["reconstruction_esc"] = np.ones((1, H, W), np.float32)
             f["reconstruction_rss"] = np.ones((1, H, W), np.float32)
-    assert evaluate._read(str(tmp_path / "sc.h5"), None, "target")[1] == "reconstruction_esc"
-    assert evaluate._read(str(tmp_path / "mc.h5"), None, "target")[1] == "reconstruction_rss"
+    assert read_volume(str(tmp_path / "sc.h5"), None, "target")[1] == "reconstruction_esc"
+    assert read_volume(str(tmp_path / "mc.h5"), None, "target")[1] == "reconstruction_rss"

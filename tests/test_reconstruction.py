@@ -6,7 +6,12 @@ import torch
 
 from improved_diffusion.fastmri_data import scale_from_kspace
 from improved_diffusion.mri.fftc import complex_to_channels, fft2c
-from improved_diffusion.reconstruction import ReconOptions, reconstruct_slice, resolve_start_step
+from improved_diffusion.reconstruction import (
+    DEFAULT_T0,
+    ReconOptions,
+    reconstruct_slice,
+    resolve_start_step,
+)
 from improved_diffusion.script_util import (
     create_gaussian_diffusion,
     create_model_and_diffusion,
@@ -178,17 +183,46 @@ def test_noisy_data_are_fitted_no_tighter_than_needed(tiny_model, multicoil):
 def test_start_time_t0(tiny_model):
     model, diffusion = tiny_model  # 20 base steps respaced to 4: timestep_map [0, 6, 13, 19]
     assert list(diffusion.timestep_map) == [0, 6, 13, 19]
-    assert resolve_start_step("1.0", diffusion) == 3
-    assert resolve_start_step(1.0, diffusion) == 3
-    assert resolve_start_step("0.5", diffusion) == 1  # base step 9 -> last kept step <= 9 is 6
-    assert resolve_start_step("13", diffusion) == 2
-    assert resolve_start_step("0", diffusion) == 0
-    for bad in ("1.5", "0.0", "20", "-1", "abc"):
-        with pytest.raises(ValueError, match="t0"):
-            resolve_start_step(bad, diffusion)
+    assert resolve_start_step(diffusion, t0="1.0") == 3
+    assert resolve_start_step(diffusion, t0=1.0) == 3
+    assert resolve_start_step(diffusion, t0="0.5") == 1  # base step round(10) - 1 = 9: nearest kept is 6
+    assert resolve_start_step(diffusion, t0=0.35) == 1  # base 6, kept exactly
+    assert resolve_start_step(diffusion, t0=0.5, start_step=None) == 1
+    assert resolve_start_step(diffusion, start_step=13) == 2
+    assert resolve_start_step(diffusion, start_step=10) == 2  # 10 is 4 from 6 and 3 from 13
+    assert resolve_start_step(diffusion, start_step=0) == 0
+    assert resolve_start_step(diffusion) == resolve_start_step(diffusion, t0=DEFAULT_T0)  # the default
+    for bad in ("1.5", "0.0", "-0.1", "abc", 2.0):
+        with pytest.raises(ValueError, match="t0 must be a fraction"):
+            resolve_start_step(diffusion, t0=bad)
+    for old_int in ("1", "200", 1, "0"):  # former integer steps: refused, pointing to start_step
+        with pytest.raises(ValueError, match="use --start_step"):
+            resolve_start_step(diffusion, t0=old_int)
+    for bad in (20, -1, 2.5):
+        with pytest.raises(ValueError, match="start_step"):
+            resolve_start_step(diffusion, start_step=bad)
+    with pytest.raises(ValueError, match="not both"):
+        resolve_start_step(diffusion, t0=0.5, start_step=9)
+    with pytest.raises(ValueError, match="not both"):
+        ReconOptions(t0=0.5, start_step=9).validate()
     _, kspace, mask, _ = _data(False)
     out = reconstruct_slice(kspace, mask, model, diffusion, options=ReconOptions(t0="0.5"))
-    assert out.nfe == 2 and out.start_step == 1
+    assert out.nfe == 2 and out.start_step == 1 and out.base_start_step == 6
+    out = reconstruct_slice(kspace, mask, model, diffusion, options=ReconOptions(start_step=13))
+    assert out.nfe == 3 and out.base_start_step == 13
+
+
+def test_same_t0_same_base_start_across_respacings():
+    """A start step that two respacings share is where both start; t0 lands on the nearest kept step."""
+    full = create_gaussian_diffusion(steps=1000, noise_schedule="cosine")
+    ddim50 = create_gaussian_diffusion(steps=1000, noise_schedule="cosine", timestep_respacing="ddim50")
+    assert full.timestep_map[resolve_start_step(full, t0=0.2)] == 199
+    assert ddim50.timestep_map[resolve_start_step(ddim50, t0=0.2)] == 200  # stride 20: nearest to 199
+    for d in (full, ddim50):
+        assert d.timestep_map[resolve_start_step(d, start_step=200)] == 200
+        assert resolve_start_step(d, t0=1.0) == d.num_timesteps - 1  # pure noise
+    # the default start of the recommended recipe: base step 180 of ddim50 (10 steps), as recorded
+    assert ddim50.timestep_map[resolve_start_step(ddim50)] == 180 and resolve_start_step(ddim50) == 9
 
 
 def test_bad_options_and_inputs(tiny_model):

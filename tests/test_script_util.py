@@ -10,6 +10,8 @@ import torch
 from improved_diffusion import gaussian_diffusion as gd
 from improved_diffusion.respace import SpacedDiffusion
 from improved_diffusion.script_util import (
+    MODEL_AND_DIFFUSION_CHOICES,
+    MODEL_AND_DIFFUSION_HELP,
     UPSTREAM_TRAIN_FLAGS,
     add_dict_to_argparser,
     add_upstream_flags,
@@ -147,7 +149,7 @@ def test_unreachable_attention_resolution_raises():
 def test_argparser_round_trip():
     parser = argparse.ArgumentParser()
     defaults = model_and_diffusion_defaults()
-    add_dict_to_argparser(parser, defaults)
+    add_dict_to_argparser(parser, defaults, MODEL_AND_DIFFUSION_HELP, MODEL_AND_DIFFUSION_CHOICES)
     args = parser.parse_args(["--learn_sigma", "False", "--num_channels", "64", "--channel_mult", "1,2,2"])
     d = args_to_dict(args, defaults.keys())
     assert d["learn_sigma"] is False and d["num_channels"] == 64 and d["channel_mult"] == "1,2,2"
@@ -168,9 +170,18 @@ def test_argparser_round_trip():
 
 def test_argparser_help_texts_and_downsampling_factor():
     parser = argparse.ArgumentParser()
-    add_dict_to_argparser(parser, {"patch_size": 0, "lr": 1e-4}, help_texts={"patch_size": "side of a patch"})
+    with pytest.raises(ValueError, match=r"no help text for \['lr'\]"):  # every flag must be documented
+        add_dict_to_argparser(parser, {"patch_size": 0, "lr": 1e-4}, help_texts={"patch_size": "side"})
+    add_dict_to_argparser(
+        parser,
+        {"patch_size": 0, "mode": "a"},
+        help_texts={"patch_size": "side of a patch", "mode": "a or b"},
+        choices={"mode": ("a", "b")},
+    )
     helps = {a.dest: a.help for a in parser._actions}
-    assert helps["patch_size"] == "side of a patch" and helps["lr"] is None
+    assert helps["patch_size"] == "side of a patch" and parser.parse_args(["--mode", "b"]).mode == "b"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "c"])
     assert downsampling_factor(model_and_diffusion_defaults()) == 16  # image_size 128: 5 levels
     assert downsampling_factor({"image_size": 128, "channel_mult": "1,2"}) == 2
 

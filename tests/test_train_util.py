@@ -16,15 +16,14 @@ import pytest
 import torch
 
 from improved_diffusion import logger, train_util
-from improved_diffusion.resample import create_named_schedule_sampler
-from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from improved_diffusion.train_util import (
-    NonFiniteLossError,
-    TrainLoop,
+from improved_diffusion.checkpoint import (
+    CheckpointSaveError,
     find_resume_checkpoint,
     list_complete_checkpoints,
-    resolve_precision,
 )
+from improved_diffusion.resample import create_named_schedule_sampler
+from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from improved_diffusion.train_util import NonFiniteLossError, TrainLoop, resolve_precision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(
@@ -233,7 +232,7 @@ def test_full_disk_while_saving_removes_the_incomplete_set(tmp_path, monkeypatch
 
     loop.max_steps = 2
     monkeypatch.setattr(torch, "save", full_on_second_file)
-    with pytest.raises(train_util.CheckpointSaveError) as info:
+    with pytest.raises(CheckpointSaveError) as info:
         loop.run_loop()
     monkeypatch.setattr(torch, "save", real_save)
     assert len(calls) == 2
@@ -267,7 +266,7 @@ def test_other_save_errors_also_remove_the_incomplete_set(tmp_path, monkeypatch)
         real_replace(src, dst)
 
     monkeypatch.setattr(train_util.os, "replace", fail_on_opt)
-    with pytest.raises(train_util.CheckpointSaveError) as info:
+    with pytest.raises(CheckpointSaveError) as info:
         loop.run_loop()
     message = str(info.value)
     assert message.startswith(f"cannot write checkpoint {tmp_path / 'opt000001.pt'}: PermissionError: ")
