@@ -42,13 +42,11 @@ multi-coil, same keys). Validation stays apart: axial slices come from the brain
 slice, so with ``--synth_holdout slab`` (the default) it is cut from a slab of the brain between (or beyond)
 the validation volumes, at least ``MIN_SLAB`` slices thick, with a cosine taper of ``SLAB_TAPER`` slices at
 its edges (a slab profile): no synthesized voxel lies within ``HOLDOUT_GAP`` slices of a validation slice,
-and those images show part of the brain. Their intensity scale (2 x the peak of the 3 x 3 k-space block's
-image, improved_diffusion/fastmri_data.py) is then small for their peak: max |x| / scale was 0.9-4.2
-(median 1.6) for them against 0.45-0.98 for the synthesized axial slices (default build), so most of those
-normalized images exceed the [-1, 1] range of x0 clipping. ``--synth_holdout none`` cuts whole coronal and
-sagittal slices instead (0.46-1.36, median 0.6; they pass through the validation slices' anatomy, in other
-contrasts and orientations). ``manifest.json`` gets a ``synthetic``
-entry with the held-out slices, every file's positions, slabs and intensities.
+and those images show part of the brain. (Under the old 3 x 3-block intensity scale those partial images
+normalized far above [-1, 1]; the scale now comes from the whole fully sampled k-space, so every training
+slice peaks at 0.5.) ``--synth_holdout none`` cuts whole coronal and sagittal slices instead (they pass
+through the validation slices' anatomy, in other contrasts and orientations). ``manifest.json`` gets a
+``synthetic`` entry with the held-out slices, every file's positions, slabs and intensities.
 
     python datasets/make_demo_data.py                     # full set (~80 slices per kind)
     python datasets/make_demo_data.py --tiny --output_dir /tmp/demo   # seconds, for tests
