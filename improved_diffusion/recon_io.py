@@ -18,7 +18,8 @@ Outputs per input file, same file name, in the output folder (all written atomic
 
 * ``<name>.h5``: ``reconstruction`` (slices, h, w) float32 magnitude at the target's crop (the full image
   when there is no target), ``reconstruction_std`` (same shape), ``reconstruction_complex``
-  (slices, H, W) complex64 on the full grid, ``mask``; attrs describe the method and the run, with per
+  (slices, H, W) complex64 on the reconstruction grid (readout cropped to the FOV), ``mask``; attrs
+  describe the method and the run, with per
   slice ``noise_std`` (complex std of a whitened k-space sample), ``noise_residual_ratio``
   (``‖A x − y‖ / (noise_std sqrt(N))``, about 1 when the output fits the data to the noise level) and
   ``calib_misfit`` (how well the maps explain the calibration data, 1 = to the noise level);
@@ -43,6 +44,7 @@ import numpy as np
 from . import dist_util
 from .fastmri_data import BadFileError
 from .mri import metrics as mri_metrics
+from .mri.fov import output_crop, recon_matrix
 from .mri.subsample import MASK_TYPES, create_mask_for_mask_type, effective_acceleration, seed_from_fname
 
 KSPACE_KEY = "kspace"
@@ -116,7 +118,10 @@ class Volume:
         has_maps: the file holds ``sens_maps``.
         has_noise: the file holds a ``noise`` scan.
         target_key: the target dataset in the file, or None.
-        target_shape: (h, w) of the target (the output crop), or the k-space shape without a target.
+        target_shape: (h, w) of the output crop: the target's (fastMRI's ``(W, W)`` when the k-space is
+            narrower, :func:`~improved_diffusion.mri.fov.output_crop`), or the k-space shape without one.
+        recon_rows: rows of the reconstruction field of view (``ismrmrd_header`` reconSpace, else the
+            target's rows), or None.
     """
 
     path: str
@@ -133,6 +138,7 @@ class Volume:
     has_noise: bool
     target_key: Optional[str]
     target_shape: Tuple[int, int]
+    recon_rows: Optional[int] = None
 
     @property
     def multicoil(self) -> bool:
@@ -164,7 +170,7 @@ class Volume:
         if self.target_key is None:
             return None
         with h5py.File(self.path, "r") as f:
-            return np.asarray(f[self.target_key][()], dtype=np.float32)
+            return center_crop_np(np.asarray(f[self.target_key][()], dtype=np.float32), self.target_shape)
 
 
 def list_inputs(inputs: Sequence[str]) -> List[str]:
@@ -264,11 +270,14 @@ def open_volume(path: str, spec: MaskSpec) -> Volume:
                 tgt = f[target_key]
                 if tgt.ndim != 3 or tgt.shape[0] != ksp.shape[0]:
                     raise bad(f"target '{target_key}' {tgt.shape} does not match {ksp.shape[0]} slices")
-                target_shape = (int(tgt.shape[1]), int(tgt.shape[2]))
-                if target_shape[0] > shape[0] or target_shape[1] > shape[1]:
-                    raise bad(f"target '{target_key}' {target_shape} is larger than the k-space grid {shape}")
+                try:
+                    target_shape = output_crop((int(tgt.shape[1]), int(tgt.shape[2])), shape)
+                except ValueError as err:
+                    raise bad(f"target '{target_key}': {err}") from None
             else:
                 target_key = None
+            header_matrix = recon_matrix(f["ismrmrd_header"][()]) if "ismrmrd_header" in f else None
+            recon_rows = header_matrix[0] if header_matrix else (int(tgt.shape[1]) if target_key else None)
             eff = effective_acceleration(mask, shape)
     except BadFileError:
         raise
@@ -289,6 +298,7 @@ def open_volume(path: str, spec: MaskSpec) -> Volume:
         has_noise=has_noise,
         target_key=target_key,
         target_shape=target_shape,
+        recon_rows=recon_rows,
     )
 
 

@@ -33,7 +33,12 @@ from improved_diffusion.recon_io import (
     run_files,
     seed_for_slice,
 )
-from improved_diffusion.reconstruction import RECOMMENDED_RESPACING, ReconOptions, reconstruct_slice
+from improved_diffusion.reconstruction import (
+    OPTION_HELP,
+    RECOMMENDED_RESPACING,
+    ReconOptions,
+    reconstruct_slice,
+)
 from improved_diffusion.script_util import (
     add_dict_to_argparser,
     create_model_and_diffusion,
@@ -77,6 +82,9 @@ def sample_defaults() -> Dict[str, Any]:
         final_dc=recon.final_dc,
         clip=recon.clip,
         clip_value=recon.clip_value,
+        # field of view and coils
+        fov_rows=recon.fov_rows,
+        num_virtual_coils=recon.num_virtual_coils,
         # outputs
         overwrite=False,
         png=True,
@@ -90,7 +98,7 @@ def create_argparser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--input", nargs="+", required=True, help="h5 files and/or folders of h5 files")
-    add_dict_to_argparser(parser, sample_defaults())
+    add_dict_to_argparser(parser, sample_defaults(), help_texts=OPTION_HELP)
     return parser
 
 
@@ -190,6 +198,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             clip=args.clip,
             clip_value=args.clip_value,
             eta=args.eta,
+            fov_rows=args.fov_rows,
+            num_virtual_coils=args.num_virtual_coils,
         )
         options.validate()
         model, diffusion, config = load_model(args.model_path, args.timestep_respacing, dist_util.dev())
@@ -205,6 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 options=opts,
                 noise_std=inp.noise_std,
                 noise_scan=inp.noise_scan,
+                recon_rows=volume.recon_rows,
             )
             return SliceOutput(
                 mean=r.mean.numpy(),
@@ -235,6 +246,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "eta": options.eta,
             "num_samples": options.num_samples,
             "sample_seed": args.sample_seed,
+            "fov_rows": options.fov_rows,
+            "num_virtual_coils": options.num_virtual_coils,
         }
         result = run_files(
             paths,
