@@ -29,7 +29,7 @@ import torch
 from .espirit import calibration_region, estimate_sens_maps, sampled_pattern
 from .fov import crop_rows, readout_complete, readout_crop
 from .noise import noise_model
-from .sense import sense_adjoint, sense_forward, sense_normal
+from .sense import SenseNormal, sense_adjoint, sense_forward
 from .solvers import conjugate_gradient
 
 # Calibration misfit (in units of the misfit pure noise would leave) above which maps are reported as not
@@ -152,7 +152,8 @@ def calibration_misfit(
     s = torch.from_numpy(maps.astype(np.complex64))[None]
     y = torch.from_numpy(kspace.astype(np.complex64))[None] * region
     rhs = sense_adjoint(y, s, region)
-    x = conjugate_gradient(lambda v: sense_normal(v, s, region), rhs, torch.zeros_like(rhs), iters, tol=1e-4)
+    normal = SenseNormal(s, region)
+    x = conjugate_gradient(normal, rhs, torch.zeros_like(rhs), iters, tol=1e-4)
     misfit = float((sense_forward(x, s, region) - y).abs().pow(2).sum())
     expected = sigma**2 * (c - 1) * float(region.sum())
     return misfit / expected if expected > 0 else float("nan")

@@ -20,8 +20,9 @@ _DIMS = (-2, -1)
 
 
 @functools.lru_cache(maxsize=64)
-def _signs(n: int, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """For even ``n``: ``((-1)^m, (-1)^(n/2) (-1)^k)``, the input and output sign patterns of length n."""
+def centering_signs(n: int, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For even ``n``: ``((-1)^m, (-1)^(n/2) (-1)^k)``, the input and output sign patterns of length n
+    (module docstring), real, cached per (n, device, dtype)."""
     s = 1.0 - 2.0 * (torch.arange(n, device=device) % 2).to(dtype)
     return s, s * (-1.0) ** (n // 2)
 
@@ -34,7 +35,7 @@ def _centered(x: torch.Tensor, dims: Sequence[int], inverse: bool) -> torch.Tens
     pre, post = 1, 1
     for d in dims:
         if x.shape[d] % 2 == 0:
-            s_in, s_out = _signs(x.shape[d], x.device, real)
+            s_in, s_out = centering_signs(x.shape[d], x.device, real)
             view = [1] * x.dim()
             view[d] = -1
             pre = pre * s_in.view(view)
