@@ -54,8 +54,9 @@ CSV_FIELDS = (
 )
 
 
-def _import_script(name: str):
-    path = os.path.join(REPO_ROOT, "scripts", name + ".py")
+def _import_script(name: str, code_root: str):
+    """A script of the code under test (the checkout that ``improved_diffusion`` is imported from)."""
+    path = os.path.join(code_root, "scripts", name + ".py")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -202,6 +203,52 @@ def bart_seconds(path: str) -> Optional[float]:
     return (end.children_user + end.children_system) - (start.children_user + start.children_system)
 
 
+def unit_costs(path: str, model_path: str, num_samples: int = 2, repeats: int = 3) -> Dict[str, float]:
+    """CPU seconds of the units a reconstruction repeats, on the grid the code under test reconstructs on:
+    ``prepare_slice`` (noise, whitening, maps; once per slice), one network evaluation of the K samples, and
+    one ``A^H A`` (one CG iteration's operator) on them. A cheap stand-in for the full profile when a full
+    run of slow code does not fit (module docstring)."""
+    import inspect
+
+    from improved_diffusion.data_consistency import MeasurementOperator
+    from improved_diffusion.mri.coils import prepare_slice
+    from improved_diffusion.recon_io import MaskSpec, open_volume
+    from improved_diffusion.script_util import create_model_and_diffusion, load_config
+
+    vol = open_volume(path, MaskSpec())
+    kwargs = {}
+    if "fov_rows" in inspect.signature(prepare_slice).parameters:  # the code with the readout crop
+        kwargs = {"fov_rows": vol.recon_rows, "num_virtual_coils": 0}
+    start = time.process_time()
+    data = prepare_slice(vol.read_kspace(0), vol.mask, **kwargs)
+    out = {"prepare_slice": time.process_time() - start}
+    c, h, w = data.kspace.shape
+    out.update(grid=f"{c}x{h}x{w}")
+    cfg = load_config(model_path)
+    model, _ = create_model_and_diffusion(**{k: v for k, v in cfg.items() if k in _model_keys()})
+    model.load_state_dict(torch.load(model_path, map_location="cpu"))
+    model.eval()
+    x = torch.randn(num_samples, 2, h, w)
+    t = torch.full((num_samples,), 100)
+    mask = torch.from_numpy(np.asarray(getattr(data, "mask", vol.mask)))
+    op = MeasurementOperator(torch.from_numpy(data.kspace), mask, torch.from_numpy(data.maps))
+    z = torch.randn(num_samples, h, w, dtype=torch.complex64)
+    with torch.no_grad():
+        for name, fn in (("network evaluation", lambda: model(x, t)), ("A^H A", lambda: op.normal(z))):
+            fn()
+            start = time.process_time()
+            for _ in range(repeats):
+                fn()
+            out[name] = (time.process_time() - start) / repeats
+    return out
+
+
+def _model_keys():
+    from improved_diffusion.script_util import model_and_diffusion_defaults
+
+    return model_and_diffusion_defaults().keys()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--label", default="run", help="row label in the CSV (e.g. before / after)")
@@ -213,6 +260,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--work_dir", default="", help="where the file and outputs go (default: a temp folder)")
     p.add_argument("--csv", default=os.path.join(REPO_ROOT, "results", "full_size.csv"), help="'' = none")
     p.add_argument("--no_bart", action="store_true", help="skip the BART timing")
+    p.add_argument("--units", action="store_true", help="only the unit costs (unit_costs), no full run")
+    p.add_argument(
+        "--model_path", default=os.path.join(REPO_ROOT, "checkpoints", "demo", "ema_0.999_002321.pt")
+    )
     args = p.parse_args(argv)
     work = args.work_dir or tempfile.mkdtemp(prefix="full_size_")
     os.makedirs(work, exist_ok=True)
@@ -221,8 +272,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         make_full_size_file(data, coils=args.coils, shape=(args.rows, args.cols))
     import improved_diffusion
 
+    if args.units:
+        costs = unit_costs(data, args.model_path, args.num_samples)
+        print(f"unit CPU seconds ({improved_diffusion.__file__}):")
+        for key, value in costs.items():
+            print(f"  {key:22s} {value if isinstance(value, str) else f'{value:.3f}'}")
+        return 0
+
     code = os.path.dirname(os.path.dirname(os.path.abspath(improved_diffusion.__file__)))
-    image_sample = _import_script("image_sample")
+    image_sample = _import_script("image_sample", code)
     out_dir = os.path.join(work, "out_" + args.label)
     flags = ["--input", data, "--output_dir", out_dir, "--num_samples", str(args.num_samples)]
     flags += ["--overwrite", "True", "--png", "False", "--progress", "False"] + args.extra.split()
