@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from .mri.fftc import channels_to_complex, complex_to_channels, fft2c, ifft2c
-from .mri.sense import sense_adjoint, sense_forward, sense_normal, single_coil_maps
+from .mri.sense import SenseNormal, sense_adjoint, sense_forward, single_coil_maps
 from .mri.solvers import conjugate_gradient
 
 DC_MODES = ("project", "replace", "none")
@@ -112,6 +112,8 @@ class MeasurementOperator:
         # Single-coil data use one all-ones map, so the same SENSE operators serve both cases.
         self.maps = single_coil_maps(kspace.shape[-2:], kspace.dtype, kspace.device) if maps is None else maps
         self.y = mask * kspace
+        self._normal = SenseNormal(self.maps, mask)  # set up once for the CG solves
+        self._adjoint_y = None
         self.image_shape = (h, w)
         self.sigma = float(sigma)
         # Measured complex samples per batch element (coils x sampled points).
@@ -128,7 +130,13 @@ class MeasurementOperator:
 
     def normal(self, x: torch.Tensor) -> torch.Tensor:
         """``A^H A x`` on images ``(B, H, W)``."""
-        return sense_normal(x, self.maps, self.mask)
+        return self._normal(x)
+
+    def adjoint_y(self) -> torch.Tensor:
+        """``A^H y`` ``(B, H, W)``, computed once (every proximal step's right-hand side needs it)."""
+        if self._adjoint_y is None:
+            self._adjoint_y = self.adjoint(self.y)
+        return self._adjoint_y
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """Relative data residual ``‖A x − y‖ / ‖y‖`` per batch element, shape ``(B,)``."""
@@ -151,7 +159,7 @@ class MeasurementOperator:
 
     def zero_filled(self) -> torch.Tensor:
         """``A^H y``: the zero-filled (single-coil) or coil-combined zero-filled image, ``(B, H, W)``."""
-        return self.adjoint(self.y)
+        return self.adjoint_y()
 
 
 def prior_weight(sigma: float, alpha_bar: float, prior_scale: float) -> float:
@@ -195,7 +203,7 @@ def prox_data(
         k = k + op.mask[..., 0, :, :] * (op.y[..., 0, :, :] - k) / (1.0 + lam_f)
         out = ifft2c(k)
     else:
-        rhs = op.adjoint(op.y) + lam_f * x_hat
+        rhs = op.adjoint_y() + lam_f * x_hat
         out = conjugate_gradient(lambda v: op.normal(v) + lam_f * v, rhs, x_hat, max_iters, tol=tol)
     return torch.where(finite.to(x_hat.device), out, x_hat)
 

@@ -13,6 +13,14 @@ The training image of a slice is ``ifft2c(kspace)`` (single-coil) or the coil co
 divided by a per-slice intensity scale (:func:`scale_from_kspace`) that travels with the batch in
 ``kwargs["scale"]``, so ``x * scale`` gives back the image exactly (without augmentation).
 
+The crop follows the reconstruction's field of view (:mod:`improved_diffusion.mri.fov`, e.g. fastMRI's
+knee: 640 x 368 k-space with 2x readout oversampling, crop_size 320): the rows are cropped in k-space
+by :func:`~improved_diffusion.mri.fov.readout_crop` (the readout is fully sampled, so reconstruction does
+exactly the same) and the scale is computed from that cropped k-space, as reconstruction computes it;
+the width (phase encoding, undersampled at reconstruction time, where it is never cropped) is then
+center-cropped in the image domain. Pixels keep their size, so a model trained on (320, 320) crops
+reconstructs the (320, W) grid of the same scan with the same pixels and the same scale.
+
 Optionally (``augment``, an :class:`~improved_diffusion.augment.AugmentConfig`) each training image is then
 augmented and/or cut to a random patch, seeded per sample by (seed, stream, pass over the data, file name,
 slice), so the result does not depend on the number of DataLoader workers.
@@ -32,6 +40,7 @@ from .augment import AugmentConfig, augment_image, sample_key
 from .io_util import BadFileError, first_line
 from .io_util import list_h5_files as _list_h5
 from .mri.fftc import center_crop, complex_to_channels, ifft2c
+from .mri.fov import crop_rows, readout_crop
 
 # The intensity scale is SCALE_MARGIN x the peak of the image from the largest centred k-space block that is
 # fully sampled: the whole k-space in training (so the normalized training image peaks at exactly
@@ -410,8 +419,13 @@ class FastMRISliceDataset(Dataset):
         if problem is not None:
             raise BadFileError(f"{path}: slice {s}: {problem}")
         kspace = kspace.to(torch.complex64)
+        maps = None if maps is None else maps.to(torch.complex64)
+        if self.crop is not None and self.crop[0] < kspace.shape[-2]:
+            # The readout crop of reconstruction (module docstring): same pixels, same scale.
+            kspace = readout_crop(kspace, self.crop[0])
+            maps = None if maps is None else crop_rows(maps, self.crop[0])
         scale = scale_from_kspace(kspace)
-        image = slice_to_image(kspace, None if maps is None else maps.to(torch.complex64))
+        image = slice_to_image(kspace, maps)
         if self.crop is not None:
             image = center_crop(image, self.crop)
         x = complex_to_channels(image / scale).float().contiguous()

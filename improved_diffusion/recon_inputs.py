@@ -21,8 +21,11 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
+import torch
 
 from .io_util import BadFileError, first_line, list_h5_files, open_h5
+from .mri.fftc import center_crop
+from .mri.fov import output_crop, recon_matrix
 from .mri.subsample import MASK_TYPES, create_mask_for_mask_type, effective_acceleration, seed_from_fname
 
 KSPACE_KEY = "kspace"
@@ -92,7 +95,10 @@ class Volume:
         has_maps: the file holds ``sens_maps``.
         has_noise: the file holds a ``noise`` scan.
         target_key: the target dataset in the file, or None.
-        target_shape: (h, w) of the target (the output crop), or the k-space shape without a target.
+        target_shape: (h, w) of the output crop: the target's (fastMRI's ``(W, W)`` when the k-space is
+            narrower, :func:`~improved_diffusion.mri.fov.output_crop`), or the k-space shape without one.
+        recon_rows: rows of the reconstruction field of view (``ismrmrd_header`` reconSpace, else the
+            target's rows), or None.
     """
 
     path: str
@@ -109,6 +115,7 @@ class Volume:
     has_noise: bool
     target_key: Optional[str]
     target_shape: Tuple[int, int]
+    recon_rows: Optional[int] = None
 
     @property
     def multicoil(self) -> bool:
@@ -140,7 +147,8 @@ class Volume:
         if self.target_key is None:
             return None
         with h5py.File(self.path, "r") as f:
-            return np.asarray(f[self.target_key][()], dtype=np.float32)
+            target = torch.from_numpy(np.asarray(f[self.target_key][()], dtype=np.float32))
+        return center_crop(target, self.target_shape).numpy()
 
 
 def list_inputs(inputs: Sequence[str]) -> List[str]:
@@ -226,11 +234,14 @@ def open_volume(path: str, spec: MaskSpec) -> Volume:
                 tgt = f[target_key]
                 if tgt.ndim != 3 or tgt.shape[0] != ksp.shape[0]:
                     raise bad(f"target '{target_key}' {tgt.shape} does not match {ksp.shape[0]} slices")
-                target_shape = (int(tgt.shape[1]), int(tgt.shape[2]))
-                if target_shape[0] > shape[0] or target_shape[1] > shape[1]:
-                    raise bad(f"target '{target_key}' {target_shape} is larger than the k-space grid {shape}")
+                try:
+                    target_shape = output_crop((int(tgt.shape[1]), int(tgt.shape[2])), shape)
+                except ValueError as err:
+                    raise bad(f"target '{target_key}': {err}") from None
             else:
                 target_key = None
+            header_matrix = recon_matrix(f["ismrmrd_header"][()]) if "ismrmrd_header" in f else None
+            recon_rows = header_matrix[0] if header_matrix else (int(tgt.shape[1]) if target_key else None)
             eff = effective_acceleration(mask, shape)
     except BadFileError:
         raise
@@ -251,6 +262,7 @@ def open_volume(path: str, spec: MaskSpec) -> Volume:
         has_noise=has_noise,
         target_key=target_key,
         target_shape=target_shape,
+        recon_rows=recon_rows,
     )
 
 

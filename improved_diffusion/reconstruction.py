@@ -15,8 +15,9 @@ noise at ``t = T``, start from the zero-filled (data-consistent) image noised to
 is given as a fraction ``t0`` of the chain or as a step ``start_step`` of the base (e.g. 1000-step) chain,
 and :func:`resolve_start_step` maps it onto the respaced steps the same way for every respacing.
 
-Measurements first go through :func:`improved_diffusion.mri.coils.prepare_slice` (noise model, coil
-prewhitening, maps), so data consistency knows the noise level it must fit to.
+Measurements first go through :func:`improved_diffusion.mri.coils.prepare_slice` (readout crop to the
+reconstruction field of view, noise model, coil prewhitening and compression, maps), so data consistency
+knows the noise level it must fit to and everything runs on the grid the model was trained on.
 """
 
 import math
@@ -30,6 +31,7 @@ from .adaptation import ADAPT_PARAMS, adapted_prior
 from .data_consistency import CLIP_MODES, DC_MODES, DiffusionDataConsistency, MeasurementOperator
 from .mri.coils import prepare_slice
 from .mri.fftc import channels_to_complex, complex_to_channels
+from .mri.fov import resolve_fov_rows
 
 SAMPLERS = ("ddim", "ancestral")
 # The recommended respacing (10 network evaluations per sample from DEFAULT_T0); scripts/image_sample.py
@@ -38,6 +40,16 @@ RECOMMENDED_RESPACING = "ddim50"
 # The start fraction used when neither ``t0`` nor ``start_step`` is given: base step 179, on ddim50 its
 # step 180, the start that every recorded result of the recommended recipe used (docs/results.md).
 DEFAULT_T0 = 0.18
+
+
+# --help lines of the scripts' flags for the field-of-view and coil options (scripts/image_sample.py and
+# scripts/baseline_recon.py share them).
+OPTION_HELP = {
+    "fov_rows": "readout rows of the reconstruction field of view, cropped exactly in k-space: > 0 that "
+    "many, 0 the file's (ismrmrd_header reconSpace, else the target's rows), -1 the full k-space grid",
+    "num_virtual_coils": "SVD coil compression after prewhitening: > 0 that many virtual coils, 0 the fewest "
+    "holding 99%% of the k-space energy but at least 8, -1 none",
+}
 
 
 @dataclass
@@ -73,6 +85,12 @@ class ReconOptions:
         adapt_lr: its learning rate.
         adapt_params: which parameters adapt: ``norm`` (GroupNorm scales/shifts), ``out`` (output block) or
             ``norm,out``.
+        fov_rows: the readout (rows) is cropped to the reconstruction field of view before anything else
+            (exact in k-space, docs/reconstruction.md): > 0 that many rows; 0 the file's FOV (the
+            ``recon_rows`` the caller passes: ismrmrd_header reconSpace, else the target's rows); -1 never.
+        num_virtual_coils: SVD coil compression after prewhitening: > 0 that many virtual coils, 0 the
+            fewest holding 99% of the k-space energy but at least 8 (scans with <= 8 coils stay as they
+            are), -1 none.
     """
 
     dc: str = "project"
@@ -92,6 +110,8 @@ class ReconOptions:
     adapt_steps: int = 0
     adapt_lr: float = 1e-3
     adapt_params: str = "norm"
+    fov_rows: int = 0
+    num_virtual_coils: int = 0
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
@@ -120,6 +140,12 @@ class ReconOptions:
         parts = self.adapt_parts
         if not parts or any(p not in ADAPT_PARAMS for p in parts):
             raise ValueError(f"adapt_params: a comma list of {ADAPT_PARAMS}, got {self.adapt_params!r}")
+        if self.fov_rows < -1:
+            raise ValueError(f"fov_rows must be > 0, 0 (the file's FOV) or -1 (no crop), got {self.fov_rows}")
+        if self.num_virtual_coils < -1:
+            raise ValueError(
+                f"num_virtual_coils must be > 0, 0 (automatic) or -1 (none), got {self.num_virtual_coils}"
+            )
 
     @property
     def adapt_parts(self) -> Tuple[str, ...]:
@@ -130,6 +156,9 @@ class ReconOptions:
 @dataclass
 class ReconResult:
     """Output of :func:`reconstruct_slice` (tensors on the CPU, in the input's intensity units).
+
+    All images are on the reconstruction grid ``(H, W)``: the k-space's, with the readout rows cropped to
+    the field of view when :attr:`ReconOptions.fov_rows` asks for it.
 
     Attributes:
         mean: complex posterior mean ``(H, W)`` (coil-combined with the whitened coils' maps).
@@ -257,6 +286,7 @@ def reconstruct_slice(
     scale: Optional[float] = None,
     noise_std: Optional[float] = None,
     noise_scan: Optional[np.ndarray] = None,
+    recon_rows: Optional[int] = None,
 ) -> ReconResult:
     """Reconstruct one slice from undersampled k-space with K posterior samples.
 
@@ -273,6 +303,8 @@ def reconstruct_slice(
         noise_std: complex noise std of a k-space sample, overriding ``noise_scan`` and the estimate (0:
             noiseless data).
         noise_scan: ``(N, C)`` noise samples of the coils, or None (then the noise is estimated).
+        recon_rows: rows of the file's reconstruction field of view (``ismrmrd_header`` reconSpace, else
+            the target's); the readout is cropped to it when ``options.fov_rows`` is 0. None: no crop.
 
     Returns:
         :class:`ReconResult`.
@@ -284,7 +316,15 @@ def reconstruct_slice(
         raise ValueError(
             f"kspace must be complex (H, W) or (C, H, W), got {kspace.dtype} {tuple(kspace.shape)}"
         )
-    data = prepare_slice(kspace, mask, maps, noise_scan=noise_scan, noise_std=noise_std)
+    data = prepare_slice(
+        kspace,
+        mask,
+        maps,
+        noise_scan=noise_scan,
+        noise_std=noise_std,
+        fov_rows=resolve_fov_rows(options.fov_rows, recon_rows, kspace.shape[-2]),
+        num_virtual_coils=options.num_virtual_coils,
+    )
     kspace = torch.from_numpy(data.kspace)
     maps = None if data.maps is None else torch.from_numpy(data.maps)
     if scale is None:
@@ -297,7 +337,7 @@ def reconstruct_slice(
     device = _model_device(model, kspace.device)
     kspace = kspace.to(device=device, dtype=torch.complex64)
     maps = None if maps is None else maps.to(device=device, dtype=torch.complex64)
-    mask = torch.as_tensor(mask).to(device)
+    mask = torch.from_numpy(data.mask).to(device)
     op = MeasurementOperator(kspace / scale, mask, maps, sigma=data.sigma / scale)
     dc = DiffusionDataConsistency(
         op,

@@ -37,6 +37,7 @@ from improved_diffusion import dist_util
 from improved_diffusion.data_consistency import MeasurementOperator
 from improved_diffusion.fastmri_data import BadFileError, scale_from_kspace
 from improved_diffusion.mri.coils import prepare_slice
+from improved_diffusion.mri.fov import resolve_fov_rows
 from improved_diffusion.recon_inputs import SliceInput, Volume, list_inputs, mask_spec_from_args
 from improved_diffusion.recon_outputs import SliceOutput
 from improved_diffusion.recon_runner import (
@@ -47,6 +48,7 @@ from improved_diffusion.recon_runner import (
     report_error,
     run_files,
 )
+from improved_diffusion.reconstruction import OPTION_HELP, ReconOptions
 from improved_diffusion.script_util import HelpFormatter, add_dict_to_argparser
 
 METHODS = ("zero_filled", "sense", "l1_wavelet", "bart_pics")
@@ -60,7 +62,10 @@ def baseline_defaults() -> Dict[str, Any]:
         method="l1_wavelet",
         lamda=-1.0,
         max_iter=100,
-        noise_std=-1.0,
+        noise_std=-1.0,  # complex std of a k-space sample; 0 = noiseless; -1 = noise scan or estimate
+        # the field of view and coils of the diffusion reconstruction (ReconOptions' defaults)
+        fov_rows=ReconOptions.fov_rows,
+        num_virtual_coils=ReconOptions.num_virtual_coils,
         output_dir="recon_out",
         mask_type="random",
         center_fractions="0.08",
@@ -86,7 +91,10 @@ def create_argparser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--input", nargs="+", type=str, required=True, help=INPUT_HELP)
     add_dict_to_argparser(
-        parser, baseline_defaults(), help_texts=BASELINE_HELP, choices={**RUN_FLAG_CHOICES, "method": METHODS}
+        parser,
+        baseline_defaults(),
+        help_texts={**BASELINE_HELP, **OPTION_HELP},
+        choices={**RUN_FLAG_CHOICES, "method": METHODS},
     )
     return parser
 
@@ -100,6 +108,8 @@ def reconstruct_baseline(
     max_iter: int = 100,
     noise_std: Optional[float] = None,
     noise_scan: Optional[np.ndarray] = None,
+    fov_rows: Optional[int] = None,
+    num_virtual_coils: int = ReconOptions.num_virtual_coils,
 ) -> Dict[str, Any]:
     """One slice with a classical method.
 
@@ -111,8 +121,10 @@ def reconstruct_baseline(
         lamda: regularization weight in normalized units.
         max_iter: iterations of the sigpy solver (of ``bart pics`` for ``bart_pics``).
         noise_std, noise_scan: the noise (see :func:`improved_diffusion.mri.coils.prepare_slice`).
+        fov_rows, num_virtual_coils: readout crop and coil compression, as in ``prepare_slice``.
 
     Returns:
+        On the reconstruction grid (H = ``fov_rows`` when cropped):
         ``{"image": (H, W) complex64, "magnitude": (H, W), "zero_filled": (H, W)}`` (magnitudes as
         RSS of the unwhitened coil images) in the input's intensity units, ``"residual"``: the relative data
         residual ``‖A x − y‖ / ‖y‖`` of the image, ``"noise_ratio"``: ``‖A x − y‖ / (sigma sqrt(N))``, and
@@ -126,11 +138,19 @@ def reconstruct_baseline(
 
         estimator = bart.ecalib
     data = prepare_slice(
-        kspace, mask, maps, noise_scan=noise_scan, noise_std=noise_std, estimate_maps=estimator
+        kspace,
+        mask,
+        maps,
+        noise_scan=noise_scan,
+        noise_std=noise_std,
+        estimate_maps=estimator,
+        fov_rows=fov_rows,
+        num_virtual_coils=num_virtual_coils,
     )
     ksp = data.kspace if data.multicoil else data.kspace[None]
     mps = data.maps if data.multicoil else np.ones_like(ksp)
-    weights = np.ascontiguousarray(np.broadcast_to(np.asarray(mask, dtype=np.float32), ksp.shape[-2:]))
+    mask = data.mask
+    weights = np.ascontiguousarray(np.broadcast_to(mask, ksp.shape[-2:]))
     scale = float(scale_from_kspace(torch.from_numpy(ksp)))
     y = ksp * weights / scale
     op = MeasurementOperator(
@@ -189,6 +209,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.max_iter,
                 inp.noise_std,
                 inp.noise_scan,
+                resolve_fov_rows(args.fov_rows, volume.recon_rows, volume.shape[0]),
+                args.num_virtual_coils,
             )
             return SliceOutput(
                 mean=out["image"],
@@ -202,7 +224,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 calib_misfit=out["data"].calib_misfit,
             )
 
-        attrs = {"method": args.method, "lamda": lamda, "max_iter": args.max_iter, "num_samples": 1}
+        attrs = {
+            "method": args.method,
+            "lamda": lamda,
+            "max_iter": args.max_iter,
+            "num_samples": 1,
+            "fov_rows": args.fov_rows,
+            "num_virtual_coils": args.num_virtual_coils,
+        }
         if args.method == "bart_pics":
             attrs.update(bart_version=bart.bart_version(), maps="file sens_maps, else bart ecalib -m1")
         result = run_files(

@@ -38,6 +38,7 @@ from improved_diffusion.recon_runner import (
 )
 from improved_diffusion.reconstruction import (
     DEFAULT_T0,
+    OPTION_HELP,
     RECOMMENDED_RESPACING,
     ReconOptions,
     parse_t0,
@@ -91,6 +92,9 @@ def sample_defaults() -> Dict[str, Any]:
         adapt_steps=recon.adapt_steps,
         adapt_lr=recon.adapt_lr,
         adapt_params=recon.adapt_params,
+        # field of view and coils
+        fov_rows=recon.fov_rows,
+        num_virtual_coils=recon.num_virtual_coils,
         # outputs
         overwrite=False,
         png=True,
@@ -135,7 +139,9 @@ SAMPLE_CHOICES: Dict[str, Sequence[Any]] = {**RUN_FLAG_CHOICES, "dc": DC_MODES, 
 def create_argparser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--input", nargs="+", type=str, required=True, help=INPUT_HELP)
-    add_dict_to_argparser(parser, sample_defaults(), help_texts=SAMPLE_HELP, choices=SAMPLE_CHOICES)
+    add_dict_to_argparser(
+        parser, sample_defaults(), help_texts={**SAMPLE_HELP, **OPTION_HELP}, choices=SAMPLE_CHOICES
+    )
     add_upstream_flags(parser, UPSTREAM_SAMPLE_FLAGS)  # so copy-pasted upstream commands run
     return parser
 
@@ -178,6 +184,8 @@ def recon_options(args: argparse.Namespace) -> ReconOptions:
         adapt_steps=args.adapt_steps,
         adapt_lr=args.adapt_lr,
         adapt_params=args.adapt_params,
+        fov_rows=args.fov_rows,
+        num_virtual_coils=args.num_virtual_coils,
     )
     options.validate()
     return options
@@ -215,6 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 options=opts,
                 noise_std=inp.noise_std,
                 noise_scan=inp.noise_scan,
+                recon_rows=volume.recon_rows,
             )
             return SliceOutput(
                 mean=r.mean.numpy(),
@@ -249,6 +258,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "num_samples": options.num_samples,
             "batch_size": options.batch_size,  # the noise draws follow the batches
             "sample_seed": args.sample_seed,
+            "fov_rows": options.fov_rows,
+            "num_virtual_coils": options.num_virtual_coils,
         }
         result = run_files(
             paths,

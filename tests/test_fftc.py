@@ -69,3 +69,17 @@ def test_center_crop_matches_fastmri():
             assert torch.equal(center_crop(x, crop), transforms.center_crop(x, crop))
     with pytest.raises(ValueError):
         center_crop(torch.zeros(4, 4), (5, 2))
+
+
+@pytest.mark.parametrize("n", [1, 6, 7, 16])
+@pytest.mark.parametrize("dim", [-2, -1, 0])
+def test_one_dimensional_centered_fft_matches_numpy(n, dim):
+    from improved_diffusion.mri.fftc import fftc, ifftc
+
+    shape = [3, 5, 4]
+    shape[dim] = n
+    x = _rand(tuple(shape), seed=2)
+    want = np.fft.fftshift(np.fft.fft(np.fft.ifftshift(x, axes=dim), axis=dim, norm="ortho"), axes=dim)
+    assert np.allclose(fftc(torch.from_numpy(x), dim=dim).numpy(), want, atol=1e-12)
+    inv = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(x, axes=dim), axis=dim, norm="ortho"), axes=dim)
+    assert np.allclose(ifftc(torch.from_numpy(x), dim=dim).numpy(), inv, atol=1e-12)

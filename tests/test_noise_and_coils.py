@@ -121,3 +121,43 @@ def test_stored_maps_are_normalized_or_rejected(phantom):
     data = prepare_slice(k * mask, mask, maps=scaled, noise_std=1e-3)
     assert data.maps is not None and np.isfinite(data.maps).all()
     np.testing.assert_allclose(data.intensity[(np.abs(data.maps) > 0).any(0)], 1.0, rtol=1e-4)
+
+
+def test_coil_compression_keeps_noise_white_and_the_signal(phantom):
+    from improved_diffusion.mri.coils import compress_coils
+
+    x, maps, k = phantom
+    rng = np.random.default_rng(5)
+    u = compress_coils(k, 4)
+    assert u.shape == (COILS, 4)
+    np.testing.assert_allclose(u.conj().T @ u, np.eye(4), atol=1e-5)
+    noise = _cplx(rng, (COILS, 20000))
+    virtual = u.conj().T @ noise  # white noise stays white with the same std
+    np.testing.assert_allclose(np.cov(virtual), np.eye(4), atol=0.05)
+    assert np.array_equal(compress_coils(k, -1), np.eye(COILS))
+    assert np.array_equal(compress_coils(k, 0), np.eye(COILS))  # 8 coils: automatic keeps them all
+    kept = np.linalg.norm(np.einsum("vc,chw->vhw", u.conj().T, k)) / np.linalg.norm(k)
+    assert kept > 0.95  # birdcage coils: most of the energy is in a few combinations
+    with pytest.raises(ValueError, match="num_virtual_coils"):
+        compress_coils(k, -2)
+
+
+def test_prepare_slice_with_compression_and_readout_crop(phantom):
+    x, maps, k = phantom
+    mask = np.ones(N, np.float32)  # fully sampled: the coil-combined image is not aliased
+    data = prepare_slice(k, mask, maps=maps, noise_std=1e-3, fov_rows=64, num_virtual_coils=5)
+    assert data.kspace.shape == (5, 64, N) and data.maps.shape == (5, 64, N) and data.num_coils == COILS
+    assert data.intensity.shape == (64, N)
+    # intensity x |coil-combined image| is the RSS of the measured coils (where the maps hold the signal)
+    s = torch.from_numpy(data.maps)
+    combined = (s.conj() * torch.from_numpy(np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(
+        data.kspace, axes=(-2, -1)), norm="ortho"), axes=(-2, -1)))).sum(0)  # fmt: skip
+    rows = slice((N - 64) // 2, (N - 64) // 2 + 64)
+    rss_true = np.abs(maps[:, rows] * x[rows]).__pow__(2).sum(0) ** 0.5
+    mag = combined.abs().numpy() * data.intensity
+    strong = rss_true > 0.2 * rss_true.max()
+    assert np.abs(mag - rss_true)[strong].max() < 0.1 * rss_true.max()
+    poisson = np.ones((N, N), np.float32)
+    poisson[3, 5] = 0
+    with pytest.raises(ValueError, match="undersamples the readout"):
+        prepare_slice(k, poisson, maps=maps, noise_std=1e-3, fov_rows=64)

@@ -129,3 +129,30 @@ def test_cuda_matches_cpu():
     gpu = sense_normal(x.cuda(), maps.cuda(), mask)  # mask on CPU is moved to the data's device
     assert gpu.device.type == "cuda"
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-5)
+
+
+@pytest.mark.parametrize("w", [8, 9])
+@pytest.mark.parametrize("kind", ["columns", "columns_2d", "rows_2d", "random_2d", "none"])
+def test_sense_normal_operator_equals_sense_normal(w, kind):
+    from improved_diffusion.mri.sense import SenseNormal
+
+    g = torch.Generator().manual_seed(w)
+    h, c = 10, 3
+
+    def cplx(*shape):
+        return torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g)).to(
+            torch.complex128
+        )
+
+    cols = (torch.rand(w, generator=g) < 0.5).double()
+    masks = {
+        "columns": cols,
+        "columns_2d": cols.expand(h, w).clone(),
+        "rows_2d": (torch.rand(h, 1, generator=g) < 0.5).double().expand(h, w).clone(),
+        "random_2d": (torch.rand(h, w, generator=g) < 0.5).double(),
+        "none": None,
+    }
+    maps, x = cplx(2, c, h, w), cplx(2, h, w)
+    op = SenseNormal(maps, masks[kind])
+    assert op.columns == kind.startswith("columns")
+    assert torch.allclose(op(x), sense_normal(x, maps, masks[kind]), atol=1e-12)

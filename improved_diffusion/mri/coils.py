@@ -3,16 +3,20 @@
 :func:`prepare_slice` is the single place where a measured slice becomes the model ``y = M F(S x) + n``
 with white noise of a known ``sigma``, for the diffusion reconstruction and the classical baselines alike:
 
+0. the reconstruction field of view: the readout is cropped to ``fov_rows`` exactly in k-space
+   (:mod:`improved_diffusion.mri.fov`), so everything below runs on ``(fov_rows, W)``;
 1. the noise model (:mod:`improved_diffusion.mri.noise`: a given std, a noise scan, or an estimate);
-2. multi-coil: prewhitening ``y <- W y`` so that the coil noise is independent with equal variance;
+2. multi-coil: prewhitening ``y <- W y`` so that the coil noise is independent with equal variance,
+   then coil compression to virtual coils ``y <- U^H y`` (:func:`compress_coils`; U has orthonormal
+   columns, so the noise stays white with the same ``sigma``);
 3. sensitivity maps of the whitened coils: ESPIRiT on the whole fully sampled centre
    (:func:`improved_diffusion.mri.espirit.estimate_sens_maps`), or maps stored with the data, whitened the
    same way (``W S``), checked and normalized to ``sum_c |S_c|^2 = 1`` on their support;
 4. a check that maps times image predict the calibration data to the noise level (:func:`calibration_misfit`).
 
 Whitening and normalizing change the coil-combined image by a smooth per-pixel factor. ``intensity``
-undoes it for the magnitude output: ``|x| * ||W^{-1} S(r)||`` is the root-sum-of-squares of the
-(unwhitened) coil images ``W^{-1} S x``, fastMRI's multi-coil target.
+undoes it for the magnitude output: ``|x| * ||W^{-1} U S(r)||`` is the root-sum-of-squares of the
+(unwhitened, uncompressed) coil images ``W^{-1} U S x``, fastMRI's multi-coil target.
 """
 
 import warnings
@@ -23,8 +27,9 @@ import numpy as np
 import torch
 
 from .espirit import calibration_region, estimate_sens_maps, sampled_pattern
+from .fov import crop_rows, readout_complete, readout_crop
 from .noise import noise_model
-from .sense import sense_adjoint, sense_forward, sense_normal
+from .sense import SenseNormal, sense_adjoint, sense_forward
 from .solvers import conjugate_gradient
 
 # Calibration misfit (in units of the misfit pure noise would leave) above which maps are reported as not
@@ -32,6 +37,11 @@ from .solvers import conjugate_gradient
 MISFIT_WARN = 2.0
 # At most this many refinements of a noise estimate from the data by the calibration residual.
 SIGMA_REFINEMENTS = 4
+# Automatic coil compression keeps the fewest virtual coils that hold this fraction of the whitened
+# k-space energy, but never fewer than MIN_VIRTUAL_COILS: scans with up to 8 coils are left as they are,
+# and 15-20 coil knee/brain scans go to about 8 (SVD compression to 8 costs them little, Huang et al.).
+COIL_ENERGY = 0.99
+MIN_VIRTUAL_COILS = 8
 
 
 class MapsWarning(UserWarning):
@@ -43,21 +53,26 @@ class CoilData:
     """A slice ready for reconstruction (numpy).
 
     Attributes:
-        kspace: masked k-space, ``(H, W)`` single-coil or ``(C, H, W)`` prewhitened multi-coil, complex64.
-        maps: ``(C, H, W)`` normalized maps of the whitened coils, or None for single-coil data.
+        kspace: masked k-space, ``(H, W)`` single-coil or ``(C, H, W)`` prewhitened (and compressed)
+            multi-coil, complex64, on the reconstruction grid (readout cropped to ``fov_rows``).
+        mask: the sampling mask on that grid, broadcastable to ``(H, W)``.
+        maps: ``(C, H, W)`` normalized maps of the whitened (virtual) coils, or None for single-coil data.
         sigma: complex noise std of one (whitened) k-space sample.
         noise_source: ``given``, ``noise_scan`` or ``data``.
         intensity: ``(H, W)`` factor from the coil-combined magnitude to the RSS of the unwhitened coil
             images (1 off the maps' support and for single-coil data).
         calib_misfit: :func:`calibration_misfit` of the maps (NaN for single-coil data).
+        num_coils: coils as measured (1 for single-coil data); ``kspace`` holds ``C <= num_coils``.
     """
 
     kspace: np.ndarray
+    mask: np.ndarray
     maps: Optional[np.ndarray]
     sigma: float
     noise_source: str
     intensity: np.ndarray
     calib_misfit: float = float("nan")
+    num_coils: int = 1
 
     @property
     def multicoil(self) -> bool:
@@ -82,6 +97,42 @@ def check_maps(maps: np.ndarray, shape, name: str = "sens_maps") -> np.ndarray:
     return np.where(support, maps / np.where(support, norm, 1.0), 0).astype(np.complex64)
 
 
+def compress_coils(kspace: np.ndarray, num_virtual_coils: int = 0) -> np.ndarray:
+    """The virtual-coil basis of SVD coil compression (Buehrer et al. 2007, Huang et al. 2008).
+
+    The coil covariance ``K K^H`` of the whitened, masked k-space ``K`` (all sampled points) is
+    diagonalised; its leading eigenvectors ``U`` (orthonormal columns) span the coil combinations that
+    hold the most energy, and ``U^H y`` are the virtual coils. Whitened noise stays white with the same
+    std in them, and dropping the weakest combinations drops mostly noise.
+
+    Args:
+        kspace: ``(C, H, W)`` prewhitened k-space (zeros where not sampled).
+        num_virtual_coils: > 0 that many (at most C); 0 the fewest that hold ``COIL_ENERGY`` of the
+            energy, at least ``MIN_VIRTUAL_COILS``; -1 no compression (U = I).
+
+    Returns:
+        ``U``: ``(C, V)`` complex64 with orthonormal columns, strongest first (the identity when V = C).
+    """
+    c = kspace.shape[0]
+    if num_virtual_coils < -1:
+        raise ValueError(
+            f"num_virtual_coils must be > 0, 0 (automatic) or -1 (none), got {num_virtual_coils}"
+        )
+    if num_virtual_coils == -1 or c == 1:
+        return np.eye(c, dtype=np.complex64)
+    k = kspace.reshape(c, -1).astype(np.complex128)
+    energy, vectors = np.linalg.eigh(k @ k.conj().T)  # ascending
+    energy, vectors = energy[::-1].clip(min=0), vectors[:, ::-1]
+    if num_virtual_coils > 0:
+        v = min(num_virtual_coils, c)
+    else:
+        share = np.cumsum(energy) / max(energy.sum(), 1e-300)
+        v = max(int(np.searchsorted(share, COIL_ENERGY) + 1), MIN_VIRTUAL_COILS)
+    if v >= c:  # nothing to drop: keep the measured coils (a rotation would only cost time)
+        return np.eye(c, dtype=np.complex64)
+    return np.ascontiguousarray(vectors[:, :v]).astype(np.complex64)
+
+
 def calibration_misfit(
     kspace: np.ndarray, maps: np.ndarray, sampled: np.ndarray, sigma: float, iters: int = 100
 ) -> float:
@@ -101,7 +152,8 @@ def calibration_misfit(
     s = torch.from_numpy(maps.astype(np.complex64))[None]
     y = torch.from_numpy(kspace.astype(np.complex64))[None] * region
     rhs = sense_adjoint(y, s, region)
-    x = conjugate_gradient(lambda v: sense_normal(v, s, region), rhs, torch.zeros_like(rhs), iters, tol=1e-4)
+    normal = SenseNormal(s, region)
+    x = conjugate_gradient(normal, rhs, torch.zeros_like(rhs), iters, tol=1e-4)
     misfit = float((sense_forward(x, s, region) - y).abs().pow(2).sum())
     expected = sigma**2 * (c - 1) * float(region.sum())
     return misfit / expected if expected > 0 else float("nan")
@@ -115,6 +167,8 @@ def prepare_slice(
     noise_std: Optional[float] = None,
     warn_misfit: bool = True,
     estimate_maps: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None,
+    fov_rows: Optional[int] = None,
+    num_virtual_coils: int = -1,
 ) -> CoilData:
     """Noise model, prewhitening and maps for one slice (see the module docstring).
 
@@ -129,6 +183,10 @@ def prepare_slice(
         warn_misfit: warn (:class:`MapsWarning`) when the maps do not explain the calibration data.
         estimate_maps: ``(whitened k-space (C, H, W), sampled (H, W)) -> maps`` instead of this package's
             ESPIRiT (e.g. ``mri.bart.ecalib``); the noise estimate is then not refined by the maps.
+        fov_rows: crop the readout (rows) to this many rows first (:func:`improved_diffusion.mri.fov.
+            readout_crop`; stored maps are cropped in the image domain); None keeps the grid.
+        num_virtual_coils: coil compression after prewhitening (:func:`compress_coils`): > 0 that many
+            virtual coils, 0 automatic, -1 none.
 
     Returns:
         :class:`CoilData`.
@@ -138,7 +196,10 @@ def prepare_slice(
         kspace = kspace[0]
     if kspace.ndim not in (2, 3):
         raise ValueError(f"kspace must be (H, W) or (C, H, W), got shape {kspace.shape}")
-    sampled = sampled_pattern(kspace if kspace.ndim == 3 else kspace[None], _numpy(mask))
+    mask = np.asarray(_numpy(mask), dtype=np.float32)
+    if fov_rows is not None and fov_rows != kspace.shape[-2]:
+        kspace, mask, maps = _crop_fov(kspace, mask, maps, fov_rows)
+    sampled = sampled_pattern(kspace if kspace.ndim == 3 else kspace[None], mask)
     kspace = kspace * sampled
     if not np.isfinite(kspace).all():
         raise ValueError("k-space holds NaN or inf values")
@@ -146,9 +207,16 @@ def prepare_slice(
         raise ValueError("k-space is all zero where it is sampled")
     noise = noise_model(kspace, sampled, noise_scan, noise_std)
     if kspace.ndim == 2:
-        return CoilData(kspace, None, noise.sigma, noise.source, np.ones(kspace.shape, np.float32))
+        return CoilData(kspace, mask, None, noise.sigma, noise.source, np.ones(kspace.shape, np.float32))
+    num_coils = kspace.shape[0]
     whiten = noise.whitening()
     kspace = np.einsum("cd,dhw->chw", whiten, kspace).astype(np.complex64)
+    # Virtual coils: y <- U^H W y, and their maps U^H W S; `unmix` takes them back to the measured coils.
+    basis = compress_coils(kspace, num_virtual_coils)
+    to_virtual = basis.conj().T @ whiten
+    unmix = np.linalg.inv(whiten) @ basis
+    if basis.shape[1] < num_coils:
+        kspace = np.einsum("vc,chw->vhw", basis.conj().T, kspace).astype(np.complex64)
     sigma = noise.sigma
     if maps is None and estimate_maps is not None:
         maps = check_maps(_numpy(estimate_maps(kspace, sampled)), kspace.shape)
@@ -166,10 +234,10 @@ def prepare_slice(
             maps = estimate_sens_maps(kspace, mask=sampled, noise_std=sigma)
             misfit = calibration_misfit(kspace, maps, sampled, sigma)
     else:
-        maps = check_maps(_numpy(maps), kspace.shape)
-        maps = check_maps(np.einsum("cd,dhw->chw", whiten, maps), kspace.shape)
+        maps = check_maps(_numpy(maps), (num_coils,) + kspace.shape[1:])
+        maps = check_maps(np.einsum("cd,dhw->chw", to_virtual, maps), kspace.shape)
         misfit = calibration_misfit(kspace, maps, sampled, sigma)
-    unwhitened = np.einsum("cd,dhw->chw", np.linalg.inv(whiten), maps)
+    unwhitened = np.einsum("cd,dhw->chw", unmix, maps)
     norm = np.sqrt((np.abs(unwhitened) ** 2).sum(axis=0))
     intensity = np.where((np.abs(maps) > 0).any(axis=0), norm, 1.0).astype(np.float32)
     if warn_misfit and misfit > MISFIT_WARN:
@@ -179,7 +247,23 @@ def prepare_slice(
             MapsWarning,
             stacklevel=2,
         )
-    return CoilData(kspace, maps, sigma, noise.source, intensity, misfit)
+    return CoilData(kspace, mask, maps, sigma, noise.source, intensity, misfit, num_coils)
+
+
+def _crop_fov(kspace: np.ndarray, mask: np.ndarray, maps, rows: int):
+    """Readout crop of k-space ``(..., H, W)``, of a 2-D mask and of stored maps (image domain)."""
+    shape = kspace.shape[-2:]
+    if not readout_complete(mask, shape):
+        raise ValueError(
+            f"the mask undersamples the readout (rows), so the readout cannot be cropped to {rows} rows "
+            "(use fov_rows -1 to keep the full grid)"
+        )
+    kspace = readout_crop(torch.from_numpy(kspace), rows).numpy()
+    if mask.ndim == 2 and mask.shape[0] == shape[0]:
+        mask = mask[(shape[0] - rows) // 2 :][:rows]
+    if maps is not None:
+        maps = crop_rows(torch.as_tensor(_numpy(maps)), rows).numpy()
+    return kspace, mask, maps
 
 
 def _numpy(a) -> np.ndarray:

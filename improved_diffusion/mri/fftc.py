@@ -1,29 +1,73 @@
-"""Centered, orthonormal 2-D Fourier transforms (fastMRI's convention).
+"""Centered, orthonormal Fourier transforms (fastMRI's convention).
 
 k-space is stored with the DC component at the centre of the array (index ``n // 2``), so every
-transform is ``fftshift(fft(ifftshift(x)))`` with ``norm="ortho"`` over the last two dimensions.
-All functions take complex torch tensors of shape ``(..., H, W)`` and work for odd and even sizes.
+transform is ``fftshift(fft(ifftshift(x)))`` with ``norm="ortho"`` over the last two dimensions
+(:func:`fft2c`, :func:`ifft2c`) or over one dimension (:func:`fftc`, :func:`ifftc`). All functions take
+complex torch tensors of shape ``(..., H, W)`` and work for odd and even sizes.
+
+The shifts are not done as copies (``torch.roll``): along a dimension of even length ``n``,
+``fftshift(fft(ifftshift(x)))[k] = (-1)^(n/2) (-1)^k fft((-1)^m x[m])[k]``, so the shifts become a
+multiplication by a precomputed sign pattern on the input and the output. Odd lengths have no such
+identity and keep the shifts.
 """
 
-from typing import Tuple
+import functools
+from typing import Sequence, Tuple
 
 import torch
 
 _DIMS = (-2, -1)
 
 
+@functools.lru_cache(maxsize=64)
+def centering_signs(n: int, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For even ``n``: ``((-1)^m, (-1)^(n/2) (-1)^k)``, the input and output sign patterns of length n
+    (module docstring), real, cached per (n, device, dtype)."""
+    s = 1.0 - 2.0 * (torch.arange(n, device=device) % 2).to(dtype)
+    return s, s * (-1.0) ** (n // 2)
+
+
+def _centered(x: torch.Tensor, dims: Sequence[int], inverse: bool) -> torch.Tensor:
+    """``fftshift(fft(ifftshift(x)))`` (or with ``ifft``) over ``dims``, orthonormal."""
+    dims = tuple(d % x.dim() for d in dims)
+    odd = tuple(d for d in dims if x.shape[d] % 2)
+    real = x.real.dtype
+    pre, post = 1, 1
+    for d in dims:
+        if x.shape[d] % 2 == 0:
+            s_in, s_out = centering_signs(x.shape[d], x.device, real)
+            view = [1] * x.dim()
+            view[d] = -1
+            pre = pre * s_in.view(view)
+            post = post * s_out.view(view)
+    if odd:
+        x = torch.fft.ifftshift(x, dim=odd)
+    if not isinstance(pre, int):
+        x = x * pre
+    x = (torch.fft.ifftn if inverse else torch.fft.fftn)(x, dim=dims, norm="ortho")
+    if not isinstance(post, int):
+        x = x * post
+    return torch.fft.fftshift(x, dim=odd) if odd else x
+
+
 def fft2c(x: torch.Tensor) -> torch.Tensor:
     """Centered orthonormal 2-D FFT over the last two dims: image (..., H, W) -> k-space (..., H, W)."""
-    x = torch.fft.ifftshift(x, dim=_DIMS)
-    x = torch.fft.fft2(x, dim=_DIMS, norm="ortho")
-    return torch.fft.fftshift(x, dim=_DIMS)
+    return _centered(x, _DIMS, inverse=False)
 
 
 def ifft2c(k: torch.Tensor) -> torch.Tensor:
     """Centered orthonormal 2-D inverse FFT over the last two dims: k-space -> image."""
-    k = torch.fft.ifftshift(k, dim=_DIMS)
-    k = torch.fft.ifft2(k, dim=_DIMS, norm="ortho")
-    return torch.fft.fftshift(k, dim=_DIMS)
+    return _centered(k, _DIMS, inverse=True)
+
+
+def fftc(x: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    """Centered orthonormal 1-D FFT along ``dim`` (e.g. -2, the readout rows of (..., H, W))."""
+    return _centered(x, (dim,), inverse=False)
+
+
+def ifftc(k: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    """Centered orthonormal 1-D inverse FFT along ``dim``."""
+    return _centered(k, (dim,), inverse=True)
 
 
 def complex_to_channels(x: torch.Tensor) -> torch.Tensor:
