@@ -61,6 +61,7 @@ def baseline_defaults() -> Dict[str, Any]:
         lamda=-1.0,  # -1: the method's default (DEFAULT_LAMBDA)
         max_iter=100,
         noise_std=-1.0,  # complex std of a k-space sample; 0 = noiseless; -1 = noise scan or estimate
+        refine_maps=0,  # outer iterations of the joint map refinement (mri/jsense.py); 0 = off
         output_dir="recon_out",
         mask_type="random",
         center_fractions="0.08",
@@ -91,6 +92,7 @@ def reconstruct_baseline(
     max_iter: int = 100,
     noise_std: Optional[float] = None,
     noise_scan: Optional[np.ndarray] = None,
+    refine_maps: int = 0,
 ) -> Dict[str, Any]:
     """One slice with a classical method.
 
@@ -102,6 +104,7 @@ def reconstruct_baseline(
         lamda: regularization weight in normalized units.
         max_iter: iterations of the sigpy solver (of ``bart pics`` for ``bart_pics``).
         noise_std, noise_scan: the noise (see :func:`improved_diffusion.mri.coils.prepare_slice`).
+        refine_maps: outer iterations of the joint map refinement (``prepare_slice``); 0 = off.
 
     Returns:
         ``{"image": (H, W) complex64, "magnitude": (H, W), "zero_filled": (H, W)}`` (magnitudes as
@@ -117,7 +120,13 @@ def reconstruct_baseline(
 
         estimator = bart.ecalib
     data = prepare_slice(
-        kspace, mask, maps, noise_scan=noise_scan, noise_std=noise_std, estimate_maps=estimator
+        kspace,
+        mask,
+        maps,
+        noise_scan=noise_scan,
+        noise_std=noise_std,
+        estimate_maps=estimator,
+        refine_maps=refine_maps,
     )
     ksp = data.kspace if data.multicoil else data.kspace[None]
     mps = data.maps if data.multicoil else np.ones_like(ksp)
@@ -179,6 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.max_iter,
                 inp.noise_std,
                 inp.noise_scan,
+                args.refine_maps,
             )
             return SliceOutput(
                 mean=out["image"],
@@ -192,7 +202,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 calib_misfit=out["data"].calib_misfit,
             )
 
-        attrs = {"method": args.method, "lamda": lamda, "max_iter": args.max_iter, "num_samples": 1}
+        attrs = {
+            "method": args.method,
+            "lamda": lamda,
+            "max_iter": args.max_iter,
+            "num_samples": 1,
+            "refine_maps": args.refine_maps,
+        }
         if args.method == "bart_pics":
             attrs.update(bart_version=bart.bart_version(), maps="file sens_maps, else bart ecalib -m1")
         result = run_files(

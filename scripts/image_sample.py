@@ -77,6 +77,7 @@ def sample_defaults() -> Dict[str, Any]:
         final_dc=recon.final_dc,
         clip=recon.clip,
         clip_value=recon.clip_value,
+        refine_maps=recon.refine_maps,  # outer iterations of the joint map refinement; 0 = off
         # outputs
         overwrite=False,
         png=True,
@@ -190,6 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             clip=args.clip,
             clip_value=args.clip_value,
             eta=args.eta,
+            refine_maps=args.refine_maps,
         )
         options.validate()
         model, diffusion, config = load_model(args.model_path, args.timestep_respacing, dist_util.dev())
@@ -235,6 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "eta": options.eta,
             "num_samples": options.num_samples,
             "sample_seed": args.sample_seed,
+            "refine_maps": options.refine_maps,
         }
         result = run_files(
             paths,

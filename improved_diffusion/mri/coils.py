@@ -8,6 +8,8 @@ with white noise of a known ``sigma``, for the diffusion reconstruction and the 
 3. sensitivity maps of the whitened coils: ESPIRiT on the whole fully sampled centre
    (:func:`improved_diffusion.mri.espirit.estimate_sens_maps`), or maps stored with the data, whitened the
    same way (``W S``), checked and normalized to ``sum_c |S_c|^2 = 1`` on their support;
+   optionally refined jointly with the image on all measured data (:mod:`improved_diffusion.mri.jsense`,
+   ``refine_maps`` outer iterations);
 4. a check that maps times image predict the calibration data to the noise level (:func:`calibration_misfit`).
 
 Whitening and normalizing change the coil-combined image by a smooth per-pixel factor. ``intensity``
@@ -22,6 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from . import jsense
 from .espirit import calibration_region, estimate_sens_maps, sampled_pattern
 from .noise import noise_model
 from .sense import sense_adjoint, sense_forward, sense_normal
@@ -115,6 +118,7 @@ def prepare_slice(
     noise_std: Optional[float] = None,
     warn_misfit: bool = True,
     estimate_maps: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None,
+    refine_maps: int = 0,
 ) -> CoilData:
     """Noise model, prewhitening and maps for one slice (see the module docstring).
 
@@ -129,6 +133,8 @@ def prepare_slice(
         warn_misfit: warn (:class:`MapsWarning`) when the maps do not explain the calibration data.
         estimate_maps: ``(whitened k-space (C, H, W), sampled (H, W)) -> maps`` instead of this package's
             ESPIRiT (e.g. ``mri.bart.ecalib``); the noise estimate is then not refined by the maps.
+        refine_maps: outer iterations of the joint refinement of the maps with the image on all measured
+            data (:func:`improved_diffusion.mri.jsense.refine_maps`); 0 = off.
 
     Returns:
         :class:`CoilData`.
@@ -168,6 +174,9 @@ def prepare_slice(
     else:
         maps = check_maps(_numpy(maps), kspace.shape)
         maps = check_maps(np.einsum("cd,dhw->chw", whiten, maps), kspace.shape)
+        misfit = calibration_misfit(kspace, maps, sampled, sigma)
+    if refine_maps > 0:
+        maps = jsense.refine_maps(kspace, sampled, maps, sigma, refine_maps).maps
         misfit = calibration_misfit(kspace, maps, sampled, sigma)
     unwhitened = np.einsum("cd,dhw->chw", np.linalg.inv(whiten), maps)
     norm = np.sqrt((np.abs(unwhitened) ** 2).sum(axis=0))
