@@ -124,3 +124,10 @@ def test_bad_arguments(phantom):
         jsense.refine_maps(p["kspace"], p["sampled"], p["maps"], p["sigma"], -1)
     with pytest.raises(ValueError, match="block"):
         jsense.refine_maps(p["kspace"], p["sampled"], p["maps"], p["sigma"], 1, block=0)
+
+
+def test_recon_options_reject_negative_refine_maps():
+    from improved_diffusion.reconstruction import ReconOptions
+
+    with pytest.raises(ValueError, match="refine_maps"):
+        ReconOptions(refine_maps=-1).validate()
