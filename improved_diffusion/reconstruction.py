@@ -47,6 +47,8 @@ DEFAULT_T0 = 0.18
 OPTION_HELP = {
     "fov_rows": "readout rows of the reconstruction field of view, cropped exactly in k-space: > 0 that "
     "many, 0 the file's (ismrmrd_header reconSpace, else the target's rows), -1 the full k-space grid",
+    "refine_maps": "outer iterations of the joint refinement of the maps with the image on all measured data "
+    "(JSENSE-style, mri/jsense.py); 0 = off",
     "num_virtual_coils": "SVD coil compression after prewhitening: > 0 that many virtual coils, 0 the fewest "
     "holding 99%% of the k-space energy but at least 8, -1 none",
 }
@@ -91,6 +93,9 @@ class ReconOptions:
         num_virtual_coils: SVD coil compression after prewhitening: > 0 that many virtual coils, 0 the
             fewest holding 99% of the k-space energy but at least 8 (scans with <= 8 coils stay as they
             are), -1 none.
+        refine_maps: outer iterations of the joint map refinement on all measured data before sampling
+            (:mod:`improved_diffusion.mri.jsense`; multi-coil only, estimated or stored maps alike); 0 = off,
+            the default: on the held-out 8-coil data it changed nothing or lowered PSNR (docs/results.md).
     """
 
     dc: str = "project"
@@ -112,6 +117,7 @@ class ReconOptions:
     adapt_params: str = "norm"
     fov_rows: int = 0
     num_virtual_coils: int = 0
+    refine_maps: int = 0
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
@@ -146,6 +152,8 @@ class ReconOptions:
             raise ValueError(
                 f"num_virtual_coils must be > 0, 0 (automatic) or -1 (none), got {self.num_virtual_coils}"
             )
+        if self.refine_maps < 0:
+            raise ValueError(f"refine_maps must be >= 0, got {self.refine_maps}")
 
     @property
     def adapt_parts(self) -> Tuple[str, ...]:
@@ -324,6 +332,7 @@ def reconstruct_slice(
         noise_std=noise_std,
         fov_rows=resolve_fov_rows(options.fov_rows, recon_rows, kspace.shape[-2]),
         num_virtual_coils=options.num_virtual_coils,
+        refine_maps=options.refine_maps,
     )
     kspace = torch.from_numpy(data.kspace)
     maps = None if data.maps is None else torch.from_numpy(data.maps)

@@ -66,6 +66,7 @@ def baseline_defaults() -> Dict[str, Any]:
         # the field of view and coils of the diffusion reconstruction (ReconOptions' defaults)
         fov_rows=ReconOptions.fov_rows,
         num_virtual_coils=ReconOptions.num_virtual_coils,
+        refine_maps=0,  # outer iterations of the joint map refinement (mri/jsense.py); 0 = off
         output_dir="recon_out",
         mask_type="random",
         center_fractions="0.08",
@@ -110,6 +111,7 @@ def reconstruct_baseline(
     noise_scan: Optional[np.ndarray] = None,
     fov_rows: Optional[int] = None,
     num_virtual_coils: int = ReconOptions.num_virtual_coils,
+    refine_maps: int = 0,
 ) -> Dict[str, Any]:
     """One slice with a classical method.
 
@@ -122,6 +124,7 @@ def reconstruct_baseline(
         max_iter: iterations of the sigpy solver (of ``bart pics`` for ``bart_pics``).
         noise_std, noise_scan: the noise (see :func:`improved_diffusion.mri.coils.prepare_slice`).
         fov_rows, num_virtual_coils: readout crop and coil compression, as in ``prepare_slice``.
+        refine_maps: outer iterations of the joint map refinement (``prepare_slice``); 0 = off.
 
     Returns:
         On the reconstruction grid (H = ``fov_rows`` when cropped):
@@ -146,6 +149,7 @@ def reconstruct_baseline(
         estimate_maps=estimator,
         fov_rows=fov_rows,
         num_virtual_coils=num_virtual_coils,
+        refine_maps=refine_maps,
     )
     ksp = data.kspace if data.multicoil else data.kspace[None]
     mps = data.maps if data.multicoil else np.ones_like(ksp)
@@ -211,6 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 inp.noise_scan,
                 resolve_fov_rows(args.fov_rows, volume.recon_rows, volume.shape[0]),
                 args.num_virtual_coils,
+                args.refine_maps,
             )
             return SliceOutput(
                 mean=out["image"],
@@ -231,6 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "num_samples": 1,
             "fov_rows": args.fov_rows,
             "num_virtual_coils": args.num_virtual_coils,
+            "refine_maps": args.refine_maps,
         }
         if args.method == "bart_pics":
             attrs.update(bart_version=bart.bart_version(), maps="file sens_maps, else bart ecalib -m1")

@@ -95,6 +95,7 @@ def sample_defaults() -> Dict[str, Any]:
         # field of view and coils
         fov_rows=recon.fov_rows,
         num_virtual_coils=recon.num_virtual_coils,
+        refine_maps=recon.refine_maps,  # outer iterations of the joint map refinement; 0 = off
         # outputs
         overwrite=False,
         png=True,
@@ -186,6 +187,7 @@ def recon_options(args: argparse.Namespace) -> ReconOptions:
         adapt_params=args.adapt_params,
         fov_rows=args.fov_rows,
         num_virtual_coils=args.num_virtual_coils,
+        refine_maps=args.refine_maps,
     )
     options.validate()
     return options
@@ -260,6 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "sample_seed": args.sample_seed,
             "fov_rows": options.fov_rows,
             "num_virtual_coils": options.num_virtual_coils,
+            "refine_maps": options.refine_maps,
         }
         result = run_files(
             paths,

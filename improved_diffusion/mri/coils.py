@@ -12,6 +12,8 @@ with white noise of a known ``sigma``, for the diffusion reconstruction and the 
 3. sensitivity maps of the whitened coils: ESPIRiT on the whole fully sampled centre
    (:func:`improved_diffusion.mri.espirit.estimate_sens_maps`), or maps stored with the data, whitened the
    same way (``W S``), checked and normalized to ``sum_c |S_c|^2 = 1`` on their support;
+   optionally refined jointly with the image on all measured data (:mod:`improved_diffusion.mri.jsense`,
+   ``refine_maps`` outer iterations);
 4. a check that maps times image predict the calibration data to the noise level (:func:`calibration_misfit`).
 
 Whitening and normalizing change the coil-combined image by a smooth per-pixel factor. ``intensity``
@@ -26,6 +28,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from . import jsense
 from .espirit import calibration_region, estimate_sens_maps, sampled_pattern
 from .fov import crop_rows, readout_complete, readout_crop
 from .noise import noise_model
@@ -169,6 +172,7 @@ def prepare_slice(
     estimate_maps: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None,
     fov_rows: Optional[int] = None,
     num_virtual_coils: int = -1,
+    refine_maps: int = 0,
 ) -> CoilData:
     """Noise model, prewhitening and maps for one slice (see the module docstring).
 
@@ -187,6 +191,8 @@ def prepare_slice(
             readout_crop`; stored maps are cropped in the image domain); None keeps the grid.
         num_virtual_coils: coil compression after prewhitening (:func:`compress_coils`): > 0 that many
             virtual coils, 0 automatic, -1 none.
+        refine_maps: outer iterations of the joint refinement of the maps with the image on all measured
+            data (:func:`improved_diffusion.mri.jsense.refine_maps`); 0 = off.
 
     Returns:
         :class:`CoilData`.
@@ -236,6 +242,9 @@ def prepare_slice(
     else:
         maps = check_maps(_numpy(maps), (num_coils,) + kspace.shape[1:])
         maps = check_maps(np.einsum("cd,dhw->chw", to_virtual, maps), kspace.shape)
+        misfit = calibration_misfit(kspace, maps, sampled, sigma)
+    if refine_maps > 0:
+        maps = jsense.refine_maps(kspace, sampled, maps, sigma, refine_maps).maps
         misfit = calibration_misfit(kspace, maps, sampled, sigma)
     unwhitened = np.einsum("cd,dhw->chw", unmix, maps)
     norm = np.sqrt((np.abs(unwhitened) ** 2).sum(axis=0))
