@@ -35,10 +35,12 @@ from improved_diffusion.recon_io import (
 )
 from improved_diffusion.reconstruction import RECOMMENDED_RESPACING, ReconOptions, reconstruct_slice
 from improved_diffusion.script_util import (
+    LEGACY_MODEL_OPTIONS,
     add_dict_to_argparser,
     create_model_and_diffusion,
     load_config,
     model_and_diffusion_defaults,
+    model_options_from_config,
     str2bool,
 )
 
@@ -118,7 +120,7 @@ def check_model_flags(unknown: Sequence[str], config: Dict[str, Any], config_pat
         if key is None or key not in defaults:
             shown = f"--{key}" if key is not None else value
             raise ValueError(f"unrecognized argument {shown!r} (see --help)")
-        want = config.get(key, defaults[key])
+        want = config.get(key, LEGACY_MODEL_OPTIONS.get(key, defaults[key]))
         try:
             given = str2bool(value) if isinstance(defaults[key], bool) else type(defaults[key])(value)
         except (TypeError, ValueError, argparse.ArgumentTypeError):
@@ -139,11 +141,7 @@ def load_model(model_path: str, timestep_respacing: str, device: torch.device):
     if not model_path:
         raise ValueError("--model_path is required (a checkpoint .pt with config.json beside it)")
     config = load_config(model_path)
-    keys = model_and_diffusion_defaults().keys()
-    missing = [k for k in keys if k not in config]
-    if missing:
-        raise ValueError(f"{model_path}: config.json lacks model keys {missing}")
-    options = {k: config[k] for k in keys}
+    options = model_options_from_config(config, model_path)
     if int(options["in_channels"]) != 2:
         raise ValueError(
             f"{model_path}: config has in_channels={options['in_channels']}, but reconstruction feeds "
