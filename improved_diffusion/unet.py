@@ -144,7 +144,7 @@ class ResBlock(TimestepBlock):
         if self.use_scale_shift_norm:
             out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
             scale, shift = torch.chunk(emb_out, 2, dim=1)
-            h = out_rest(out_norm(h) * (1 + scale) + shift)
+            h = out_rest(torch.addcmul(shift, out_norm(h), 1 + scale))  # one pass instead of * then +
         else:
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
