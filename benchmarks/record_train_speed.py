@@ -33,6 +33,7 @@ COLUMNS = [
     "device",
     "precision",
     "threads",
+    "clock",
     "image_size",
     "num_channels",
     "batch_size",
@@ -41,6 +42,10 @@ COLUMNS = [
     "samples_per_sec",
     "upstream_sec_per_step",
     "speedup",
+    "speedup_min",
+    "speedup_max",
+    "repeats",
+    "peak_mem_gb",
 ]
 # train_speed.py flags that a training config.json provides (same names in both).
 CONFIG_FLAGS = (
@@ -83,6 +88,7 @@ def row_from_result(name: str, result: Dict[str, Any]) -> Dict[str, Any]:
         "device": result.get("device", ""),
         "precision": result.get("precision_used", cfg.get("precision", "")),
         "threads": result.get("torch_threads", ""),
+        "clock": cfg.get("clock", "wall"),
         "image_size": cfg.get("image_size", ""),
         "num_channels": cfg.get("num_channels", ""),
         "batch_size": batch,
@@ -93,6 +99,11 @@ def row_from_result(name: str, result: Dict[str, Any]) -> Dict[str, Any]:
         if "upstream_s_per_step" in result
         else "",
         "speedup": round(float(result["speedup"]), 3) if "speedup" in result else "",
+        # the range of the per-repeat ratios: how much the machine's load moved the number
+        "speedup_min": round(float(result["speedup_min"]), 3) if "speedup_min" in result else "",
+        "speedup_max": round(float(result["speedup_max"]), 3) if "speedup_max" in result else "",
+        "repeats": cfg.get("repeats", ""),
+        "peak_mem_gb": round(float(result["peak_memory_gb"]), 2) if "peak_memory_gb" in result else "",
     }
 
 

@@ -21,7 +21,7 @@ import torch
 from . import dist_util
 from .reconstruction import RECOMMENDED_RESPACING, ReconOptions, ReconResult, reconstruct_slice
 from .respace import SpacedDiffusion
-from .script_util import create_model_and_diffusion, load_config, model_and_diffusion_defaults
+from .script_util import create_model_and_diffusion, load_config, model_options_from_config
 from .unet import UNetModel
 
 # The committed demo model (README "Train" has the command that made it): the default everywhere, so the
@@ -58,11 +58,7 @@ def load_model(
         config = load_config(model_path)
     except FileNotFoundError as err:
         raise ValueError(str(err)) from None
-    keys = model_and_diffusion_defaults().keys()
-    missing = [k for k in keys if k not in config]
-    if missing:
-        raise ValueError(f"{model_path}: config.json lacks model keys {missing}")
-    options = {k: config[k] for k in keys}
+    options = model_options_from_config(config, model_path)  # configs older than a model flag included
     if int(options["in_channels"]) != 2:
         raise ValueError(
             f"{model_path}: config has in_channels={options['in_channels']}, but reconstruction feeds "

@@ -53,6 +53,7 @@ def model_and_diffusion_defaults() -> Dict[str, Any]:
         use_scale_shift_norm=True,
         in_channels=2,
         channel_mult="",
+        attention_token_budget=4.0,
     )
 
 
@@ -82,6 +83,9 @@ MODEL_AND_DIFFUSION_HELP: Dict[str, str] = {
     "use_scale_shift_norm": "FiLM-like scale-shift conditioning on the timestep embedding",
     "in_channels": "input channels: 2 = complex image as (real, imaginary)",
     "channel_mult": "per-level channel multipliers, e.g. '1,2,2' ('' = chosen from image_size)",
+    "attention_token_budget": "an attention block whose feature map has more than this many times its "
+    "positions at the nominal image_size attends within tiles of the nominal size instead of globally "
+    "(0: always global, as upstream and as configs written before this flag)",
 }
 
 MODEL_AND_DIFFUSION_CHOICES: Dict[str, Sequence[Any]] = {"noise_schedule": ("linear", "cosine")}
@@ -89,6 +93,29 @@ MODEL_AND_DIFFUSION_CHOICES: Dict[str, Sequence[Any]] = {"noise_schedule": ("lin
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """``--help`` of every script: each option shows its default; the description keeps its line breaks."""
+
+
+# Model options added after configs were first written: the value that rebuilds the model those configs
+# describe. A config.json without the key gets it (:func:`model_options_from_config`), so old checkpoints
+# keep their behaviour; new runs record the default of model_and_diffusion_defaults().
+LEGACY_MODEL_OPTIONS: Dict[str, Any] = {"attention_token_budget": 0.0}
+
+
+def model_options_from_config(config: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """The keys of :func:`model_and_diffusion_defaults` from a saved config, old configs included.
+
+    Args:
+        config: a training run's config.json (see :func:`load_config`).
+        source: what to name in the error (the checkpoint or config path).
+
+    Raises:
+        ValueError: if a model key is missing that is not in :data:`LEGACY_MODEL_OPTIONS`.
+    """
+    keys = model_and_diffusion_defaults().keys()
+    missing = [k for k in keys if k not in config and k not in LEGACY_MODEL_OPTIONS]
+    if missing:
+        raise ValueError(f"{source}: config.json lacks model keys {missing}")
+    return {k: config[k] if k in config else LEGACY_MODEL_OPTIONS[k] for k in keys}
 
 
 def create_model_and_diffusion(**kwargs: Any) -> Tuple[UNetModel, SpacedDiffusion]:
@@ -126,6 +153,7 @@ def create_model_and_diffusion(**kwargs: Any) -> Tuple[UNetModel, SpacedDiffusio
         dropout=kwargs["dropout"],
         in_channels=kwargs["in_channels"],
         channel_mult=kwargs["channel_mult"],
+        attention_token_budget=kwargs["attention_token_budget"],
     )
     diffusion = create_gaussian_diffusion(
         steps=kwargs["diffusion_steps"],
@@ -194,12 +222,15 @@ def create_model(
     dropout: float,
     in_channels: int = 2,
     channel_mult: Any = "",
+    attention_token_budget: float = 0.0,
 ) -> UNetModel:
     """Build the UNet.
 
     ``attention_resolutions`` lists feature-map sizes relative to the nominal ``image_size`` (e.g. "16,8"
     with image_size=128 means attention at downsampling factors 8 and 16); the UNet itself accepts any H x W.
     ``channel_mult`` "" picks :func:`default_channel_mult` (image_size); "1,2,2" overrides it.
+    ``attention_token_budget`` > 0 makes attention on maps above that many times their nominal positions
+    run within tiles of the nominal size (see :class:`UNetModel`).
     """
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
@@ -238,6 +269,8 @@ def create_model(
         num_heads=num_heads,
         num_heads_upsample=num_heads_upsample,
         use_scale_shift_norm=use_scale_shift_norm,
+        attention_token_budget=float(attention_token_budget),
+        image_size=image_size,
     )
 
 
@@ -375,7 +408,7 @@ def check_model_flags(unknown: Sequence[str], config: Dict[str, Any], config_pat
         if key is None or key not in defaults:
             shown = f"--{key}" if key is not None else value
             raise ValueError(f"unrecognized argument {shown!r} (see --help)")
-        want = config.get(key, defaults[key])
+        want = config.get(key, LEGACY_MODEL_OPTIONS.get(key, defaults[key]))
         try:
             given = str2bool(value) if isinstance(defaults[key], bool) else type(defaults[key])(value)
         except (TypeError, ValueError, argparse.ArgumentTypeError):

@@ -3,10 +3,12 @@
 Architecture as in Nichol & Dhariwal 2021 (improved-diffusion). Additions for MRI: the model accepts
 any spatial size (e.g. 640x368 fastMRI slices) by padding to a multiple of 2^(levels-1) and cropping back,
 and attention uses ``torch.nn.functional.scaled_dot_product_attention`` (memory-efficient kernels).
+With ``attention_token_budget`` set, attention on a feature map much larger than at the nominal image size
+runs within tiles of the nominal size (docs/engine.md, "Attention on large images").
 """
 
 from abc import abstractmethod
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -142,30 +144,58 @@ class ResBlock(TimestepBlock):
         if self.use_scale_shift_norm:
             out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
             scale, shift = torch.chunk(emb_out, 2, dim=1)
-            h = out_rest(out_norm(h) * (1 + scale) + shift)
+            h = out_rest(torch.addcmul(shift, out_norm(h), 1 + scale))  # one pass instead of * then +
         else:
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over all spatial positions.
+    """Multi-head self-attention over the spatial positions, optionally within tiles above a token budget.
 
     The qkv projection keeps upstream's channel layout (per head: q, k, v), so upstream checkpoints load.
+
+    Args:
+        channels: input and output channels.
+        num_heads: attention heads (``channels`` must be divisible by it).
+        use_checkpoint: recompute activations in the backward pass to save memory.
+        max_tokens: attend over all positions while there are at most this many (None: always). A 2-D
+            feature map with more positions is split into a grid of near-equal tiles, each no larger than
+            ``window`` x ``window``, and every position attends only to the positions of its tile. The
+            normalization and the 1x1 projections still see the whole map (they are per position).
+        window: the largest tile side, the side of this level's feature map at the nominal image size.
     """
 
-    def __init__(self, channels: int, num_heads: int = 1, use_checkpoint: bool = False) -> None:
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int = 1,
+        use_checkpoint: bool = False,
+        max_tokens: Optional[int] = None,
+        window: int = 0,
+    ) -> None:
         super().__init__()
         if channels % num_heads != 0:
             raise ValueError(
                 f"AttentionBlock: channels ({channels}) must be divisible by num_heads ({num_heads})"
             )
+        if max_tokens is not None and (max_tokens < 1 or window < 1):
+            raise ValueError(
+                f"AttentionBlock: max_tokens ({max_tokens}) and window ({window}) must be positive"
+            )
         self.channels = channels
         self.num_heads = num_heads
         self.use_checkpoint = use_checkpoint
+        self.max_tokens = max_tokens
+        self.window = window
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
+
+    def extra_repr(self) -> str:
+        if self.max_tokens is None:
+            return "global"
+        return f"global up to {self.max_tokens} tokens, else tiles of at most {self.window}x{self.window}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, *spatial) -> same shape."""
@@ -176,13 +206,44 @@ class AttentionBlock(nn.Module):
         x_flat = x.reshape(b, c, -1)
         length = x_flat.shape[-1]
         qkv = self.qkv(self.norm(x_flat))  # (B, 3C, T)
-        head_ch = c // self.num_heads
-        q, k, v = qkv.reshape(b, self.num_heads, 3 * head_ch, length).split(head_ch, dim=2)
-        # SDPA wants (B, heads, T, ch); its default scale 1/sqrt(ch) equals upstream's.
-        attn = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        h = attn.transpose(-1, -2).reshape(b, c, length)
-        h = self.proj_out(h)
+        # (B, heads, 3 * ch, T): per head q, k, v stacked along the channels, as upstream.
+        qkv = qkv.reshape(b, self.num_heads, -1, length)
+        if self.max_tokens is not None and length > self.max_tokens and len(spatial) == 2:
+            h = self._tiled_attention(qkv.reshape(*qkv.shape[:3], *spatial))
+        else:
+            h = _attention(qkv)
+        h = self.proj_out(h.reshape(b, c, length))
         return (x_flat + h).reshape(b, c, *spatial)
+
+    def _tiled_attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention within tiles: qkv (B, heads, 3 * ch, H, W) -> (B, heads, ch, H * W)."""
+        height, width = qkv.shape[-2:]
+        rows = []
+        for band in qkv.split(_tile_sizes(height, self.window), dim=-2):
+            tiles = []
+            for tile in band.split(_tile_sizes(width, self.window), dim=-1):
+                th, tw = tile.shape[-2:]
+                tiles.append(
+                    _attention(tile.reshape(*tile.shape[:3], th * tw)).reshape(*tile.shape[:2], -1, th, tw)
+                )
+            rows.append(torch.cat(tiles, dim=-1))
+        out = torch.cat(rows, dim=-2)
+        return out.reshape(*out.shape[:3], height * width)
+
+
+def _attention(qkv: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of each head: qkv (N, heads, 3 * ch, T) -> (N, heads, ch, T)."""
+    q, k, v = qkv.chunk(3, dim=2)
+    # SDPA wants (N, heads, T, ch); its default scale 1/sqrt(ch) equals upstream's.
+    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    return out.transpose(-1, -2)
+
+
+def _tile_sizes(n: int, window: int) -> List[int]:
+    """Split ``n`` positions into the fewest near-equal parts of at most ``window`` (larger parts first)."""
+    parts = -(-n // window)
+    base, extra = divmod(n, parts)
+    return [base + 1] * extra + [base] * (parts - extra)
 
 
 class UNetModel(nn.Module):
@@ -203,6 +264,12 @@ class UNetModel(nn.Module):
         num_heads: attention heads in the encoder and middle.
         num_heads_upsample: attention heads in the decoder (-1: same as num_heads).
         use_scale_shift_norm: FiLM-like conditioning in the residual blocks.
+        attention_token_budget: 0 (default): every attention block attends over its whole feature map, as
+            upstream. Otherwise (2-D only, needs ``image_size``): a block whose feature map has more than
+            ``attention_token_budget * (image_size // ds) ** 2`` positions attends within tiles of at most
+            ``image_size // ds`` squared (see :class:`AttentionBlock`), so on large images attention costs
+            linear instead of quadratic time and sees the context it was trained with.
+        image_size: the nominal (training) side, with which the budget and the tile side are computed.
 
     Input of any spatial size is padded (reflect, see :meth:`forward`) to a multiple of
     ``2 ** (len(channel_mult) - 1)`` and the output is cropped back, so output spatial size == input's.
@@ -224,6 +291,8 @@ class UNetModel(nn.Module):
         num_heads: int = 1,
         num_heads_upsample: int = -1,
         use_scale_shift_norm: bool = False,
+        attention_token_budget: float = 0.0,
+        image_size: Optional[int] = None,
     ) -> None:
         super().__init__()
         if num_heads_upsample == -1:
@@ -232,6 +301,13 @@ class UNetModel(nn.Module):
             raise ValueError("UNetModel: channel_mult must have at least one level")
         if num_res_blocks < 1:
             raise ValueError(f"UNetModel: num_res_blocks must be >= 1, got {num_res_blocks}")
+        if attention_token_budget < 0:
+            raise ValueError(f"UNetModel: attention_token_budget must be >= 0, got {attention_token_budget}")
+        if attention_token_budget and (dims != 2 or not image_size or image_size < 1):
+            raise ValueError(
+                "UNetModel: attention_token_budget needs dims=2 and the nominal image_size "
+                f"(got dims={dims}, image_size={image_size})"
+            )
 
         self.in_channels = in_channels
         self.model_channels = model_channels
@@ -246,6 +322,8 @@ class UNetModel(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.num_heads = num_heads
         self.num_heads_upsample = num_heads_upsample
+        self.attention_token_budget = attention_token_budget
+        self.image_size = image_size
         # Spatial sizes must be divisible by this for the skip connections to line up.
         self.size_multiple = 2 ** (len(self.channel_mult) - 1)
 
@@ -255,6 +333,18 @@ class UNetModel(nn.Module):
         )
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+
+        def attention(ch: int, heads: int, ds: int) -> AttentionBlock:
+            if not attention_token_budget:
+                return AttentionBlock(ch, num_heads=heads, use_checkpoint=use_checkpoint)
+            window = max(1, image_size // ds)  # this level's side at the nominal size
+            return AttentionBlock(
+                ch,
+                num_heads=heads,
+                use_checkpoint=use_checkpoint,
+                max_tokens=max(1, int(attention_token_budget * window**2)),
+                window=window,
+            )
 
         def res_block(ch_in: int, ch_out: int) -> ResBlock:
             return ResBlock(
@@ -277,7 +367,7 @@ class UNetModel(nn.Module):
                 layers = [res_block(ch, mult * model_channels)]
                 ch = mult * model_channels
                 if ds in self.attention_resolutions:
-                    layers.append(AttentionBlock(ch, num_heads=num_heads, use_checkpoint=use_checkpoint))
+                    layers.append(attention(ch, num_heads, ds))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
             if level != len(self.channel_mult) - 1:
@@ -287,7 +377,7 @@ class UNetModel(nn.Module):
 
         self.middle_block = TimestepEmbedSequential(
             res_block(ch, ch),
-            AttentionBlock(ch, num_heads=num_heads, use_checkpoint=use_checkpoint),
+            attention(ch, num_heads, ds),
             res_block(ch, ch),
         )
 
@@ -297,9 +387,7 @@ class UNetModel(nn.Module):
                 layers = [res_block(ch + skip_chans.pop(), model_channels * mult)]
                 ch = model_channels * mult
                 if ds in self.attention_resolutions:
-                    layers.append(
-                        AttentionBlock(ch, num_heads=num_heads_upsample, use_checkpoint=use_checkpoint)
-                    )
+                    layers.append(attention(ch, num_heads_upsample, ds))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch, conv_resample, dims=dims))
                     ds //= 2

@@ -10,6 +10,7 @@ import torch
 from improved_diffusion import gaussian_diffusion as gd
 from improved_diffusion.respace import SpacedDiffusion
 from improved_diffusion.script_util import (
+    LEGACY_MODEL_OPTIONS,
     MODEL_AND_DIFFUSION_CHOICES,
     MODEL_AND_DIFFUSION_HELP,
     UPSTREAM_TRAIN_FLAGS,
@@ -22,6 +23,7 @@ from improved_diffusion.script_util import (
     downsampling_factor,
     load_config,
     model_and_diffusion_defaults,
+    model_options_from_config,
     save_config,
     str2bool,
     upstream_flag_notes,
@@ -68,7 +70,7 @@ def _tiny(**overrides):
 
 def test_defaults_keys_and_mri_values():
     d = model_and_diffusion_defaults()
-    assert set(d) == UPSTREAM_KEYS | {"in_channels", "channel_mult"}
+    assert set(d) == UPSTREAM_KEYS | {"in_channels", "channel_mult", "attention_token_budget"}
     assert d["image_size"] == 128 and d["learn_sigma"] is True and d["noise_schedule"] == "cosine"
     assert d["in_channels"] == 2 and d["channel_mult"] == ""
 
@@ -229,3 +231,47 @@ def test_load_config_errors(tmp_path):
         load_config(str(tmp_path))
     with pytest.raises(ValueError, match="JSON-serializable"):
         save_config({"x": object()}, str(tmp_path / "other"))
+
+
+# ---------------------------------------------------------------- attention token budget (model flag)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_attention_token_budget_flag_and_config_round_trip(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_dict_to_argparser(parser, model_and_diffusion_defaults(), help_texts=MODEL_AND_DIFFUSION_HELP)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["attention_token_budget"] == MODEL_AND_DIFFUSION_HELP["attention_token_budget"]
+    args = parser.parse_args(["--attention_token_budget", "2"])
+    assert args.attention_token_budget == 2.0 and isinstance(args.attention_token_budget, float)
+    cfg = _tiny(attention_token_budget=args.attention_token_budget)
+    save_config(cfg, str(tmp_path))
+    options = model_options_from_config(load_config(str(tmp_path)), str(tmp_path))
+    assert options == cfg
+    model, _ = create_model_and_diffusion(**options)
+    assert model.attention_token_budget == 2.0 and model.image_size == 16
+    blocks = [m for m in model.modules() if type(m).__name__ == "AttentionBlock"]
+    assert blocks and all(b.max_tokens == 2 * b.window**2 for b in blocks)
+
+
+def test_config_without_attention_token_budget_keeps_global_attention(tmp_path):
+    cfg = _tiny()
+    del cfg["attention_token_budget"]
+    save_config(cfg, str(tmp_path))
+    options = model_options_from_config(load_config(str(tmp_path)), "old run")
+    assert options["attention_token_budget"] == LEGACY_MODEL_OPTIONS["attention_token_budget"] == 0.0
+    model, _ = create_model_and_diffusion(**options)
+    assert all(m.max_tokens is None for m in model.modules() if type(m).__name__ == "AttentionBlock")
+    del cfg["num_channels"]
+    with pytest.raises(ValueError, match=r"old run: config.json lacks model keys \['num_channels'\]"):
+        model_options_from_config(cfg, "old run")
+
+
+def test_demo_checkpoint_loads_strictly_with_and_without_budget():
+    demo = os.path.join(REPO_ROOT, "checkpoints", "demo")
+    options = model_options_from_config(load_config(demo), demo)
+    state = torch.load(os.path.join(demo, "ema_0.999_002321.pt"), map_location="cpu", weights_only=True)
+    for budget in (options["attention_token_budget"], 4.0):
+        model, _ = create_model_and_diffusion(**{**options, "attention_token_budget": budget})
+        model.load_state_dict(state, strict=True)  # the rule adds no parameters or buffers

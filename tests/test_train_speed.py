@@ -61,6 +61,9 @@ def test_baseline_repo_is_imported_under_an_alias(tmp_path):
     pkg.mkdir(parents=True)
     for name, text in STAND_IN.items():
         (pkg / name).write_text(text)
-    stdout, result = _run([f"--baseline_repo={pkg.parent}"], tmp_path)
-    assert "speed-up (ours vs upstream)" in stdout
+    stdout, result = _run([f"--baseline_repo={pkg.parent}", "--repeats=2", "--clock=cpu"], tmp_path)
+    assert "speed-up (ours vs upstream)" in stdout and "clock cpu" in stdout
     assert result["upstream_steps_per_s"] > 0 and result["speedup"] > 0
+    assert len(result["upstream_s_per_step_repeats"]) == len(result["ours_s_per_step_repeats"]) == 2
+    assert result["speedup_min"] <= result["speedup_median"] <= result["speedup_max"]
+    assert result["peak_memory_gb"] > 0

@@ -482,3 +482,50 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"resuming from {log_dir}/model{step:06d}.pt" in out.stdout
     assert list_complete_checkpoints(str(log_dir))[-1].step == step + 1
+
+
+# ---------------------------------------------------------------- optimizer and allocator
+
+
+def _adamw_run(make, load_from=None, steps=range(3)):
+    """Parameters after AdamW steps ``steps`` on fixed gradients (optionally resuming a saved state)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    opt = make(params)
+    if load_from is not None:
+        params_state, opt_state = load_from
+        with torch.no_grad():
+            for p, v in zip(params, params_state):
+                p.copy_(v)
+        train_util.load_optimizer_state(opt, opt_state)
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return opt, [p.detach().clone() for p in params]
+
+
+def test_fused_adamw_matches_default_and_resumes_from_its_state():
+    def default(params):
+        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+    def fast(params):
+        return train_util.make_optimizer(params, 1e-2, 0.1)
+
+    opt, _ = _adamw_run(fast)
+    assert opt.param_groups[0]["fused"] is True  # the CPU has a fused AdamW
+    _, ref = _adamw_run(default, steps=range(6))
+    # 3 default steps, saved; 3 more after loading that state into the fused optimizer.
+    old_opt, old = _adamw_run(default)
+    resumed_opt, resumed = _adamw_run(fast, load_from=(old, old_opt.state_dict()), steps=range(3, 6))
+    assert resumed_opt.param_groups[0]["fused"] is True  # the saved flags do not switch it back
+    for a, b in zip(resumed, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_keep_freed_memory_is_idempotent():
+    first = train_util.keep_freed_memory()
+    assert isinstance(first, bool) and train_util.keep_freed_memory() == first
+    if sys.platform.startswith("linux"):
+        assert first  # glibc has mallopt

@@ -14,7 +14,7 @@ from improved_diffusion.nn import (
     update_ema,
     zero_module,
 )
-from improved_diffusion.unet import AttentionBlock, UNetModel
+from improved_diffusion.unet import AttentionBlock, UNetModel, _tile_sizes
 
 
 def _unet(**overrides):
@@ -111,6 +111,59 @@ def test_attention_matches_naive_upstream_layout():
     a = torch.einsum("bts,bcs->bct", weight, v).reshape(b, c, -1)
     ref = (x.reshape(b, c, -1) + block.proj_out(a)).reshape(x.shape)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tile_sizes():
+    assert _tile_sizes(80, 16) == [16] * 5
+    assert _tile_sizes(50, 16) == [13, 13, 12, 12]
+    assert _tile_sizes(16, 16) == [16]
+    assert _tile_sizes(5, 16) == [5]
+
+
+def test_tiled_attention_matches_masked_reference():
+    torch.manual_seed(0)
+    block = AttentionBlock(8, num_heads=2, max_tokens=20, window=4)
+    with torch.no_grad():
+        block.proj_out.weight.normal_()
+    x = torch.randn(2, 8, 7, 9)  # 63 > 20 positions: tiles of rows (4, 3) x columns (3, 3, 3)
+    out = block(x)
+
+    # Reference: global qkv, then softmax over the positions of the same tile only (a block mask).
+    b, c, heads, ch = 2, 8, 2, 4
+    qkv = block.qkv(block.norm(x.reshape(b, c, -1)))
+    q, k, v = qkv.reshape(b * heads, 3 * ch, -1).split(ch, dim=1)
+    row_tile = torch.repeat_interleave(torch.arange(2), torch.tensor([4, 3]))
+    col_tile = torch.repeat_interleave(torch.arange(3), torch.tensor([3, 3, 3]))
+    tile = (row_tile[:, None] * 3 + col_tile[None, :]).flatten()
+    logits = torch.einsum("bct,bcs->bts", q, k) / math.sqrt(ch)
+    logits = logits.masked_fill(tile[:, None] != tile[None, :], float("-inf"))
+    a = torch.einsum("bts,bcs->bct", torch.softmax(logits, dim=-1), v).reshape(b, c, -1)
+    ref = (x.reshape(b, c, -1) + block.proj_out(a)).reshape(x.shape)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # Within the budget the block attends globally, as without one.
+    plain = AttentionBlock(8, num_heads=2)
+    plain.load_state_dict(block.state_dict())
+    small = torch.randn(2, 8, 4, 5)
+    torch.testing.assert_close(block(small), plain(small), rtol=0, atol=0)
+    assert not torch.allclose(block(x), plain(x), atol=1e-3)
+
+
+def test_attention_token_budget_leaves_nominal_size_unchanged():
+    plain = _randomize(_unet()).eval()  # attention at ds 2: nominal side 16 // 2 = 8
+    budget = _unet(attention_token_budget=4.0, image_size=16).eval()
+    budget.load_state_dict(plain.state_dict(), strict=True)
+    assert plain.state_dict().keys() == budget.state_dict().keys()
+    t = torch.tensor([5])
+    with torch.no_grad():
+        for side in (16, 32):  # 8x8 and 16x16 attention maps: within 4 x 64 tokens
+            x = torch.randn(1, 2, side, side)
+            torch.testing.assert_close(budget(x, t), plain(x, t), rtol=0, atol=0)
+        x = torch.randn(1, 2, 48, 40)  # 24 x 20 = 480 > 256 tokens: tiles of at most 8 x 8
+        assert not torch.allclose(budget(x, t), plain(x, t), atol=1e-4)
+    with pytest.raises(ValueError, match="attention_token_budget"):
+        _unet(attention_token_budget=4.0)  # no image_size
+    with pytest.raises(ValueError, match="attention_token_budget"):
+        _unet(dims=3, attention_token_budget=4.0, image_size=16)
 
 
 def test_one_and_three_dims():
