@@ -2,7 +2,9 @@
 
 Every number in the paper comes from here, read at build time from ``results/``; nothing is typed into the
 prose. The files and what they hold are listed in ``RESULT_FILES`` (written by
-``benchmarks/recon_benchmark.py`` and ``benchmarks/record_train_speed.py``, see docs/results.md).
+``benchmarks/recon_benchmark.py``, ``benchmarks/record_train_speed.py``, ``benchmarks/heldout_summary.py``,
+``benchmarks/real_scan.py`` and ``scripts/prior_sample.py``, see docs/results.md); those of
+``OPTIONAL_RESULTS`` may be missing from any build.
 """
 
 from __future__ import annotations
