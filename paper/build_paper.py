@@ -11,10 +11,16 @@ placeholders filled from results/ at build time, and block directives on their o
 
     ::: table recon            the reconstruction table from results/recon_metrics.csv
     ::: table train_speed      the training-speed table from results/train_speed.csv
-    ::: figure recon_figure    results/recon_figure.png
+    ::: table csv NAME [c1,c2] a small CSV of results_values.CSV_TABLES (heldout_summary, real_scan) as
+                               it is: its columns (or those listed), numbers by fmt_number, X and X_std
+                               as "X ± std"
+    ::: figure recon_figure    results/recon_figure.png (any .png of RESULT_FILES)
     Caption text (tables and figures: the lines up to ':::') ...
     :::
-    ::: list settings          generated bullets (settings, ddim_vs_ancestral, uncertainty) from the CSV
+    ::: list settings          generated bullets (settings, ddim_vs_ancestral, uncertainty, heldout)
+
+Files of results_values.OPTIONAL_RESULTS (held-out summary, real scan, prior samples) may be absent: their
+blocks and placeholders are then a marked placeholder in every build, and the build prints a note.
 
 Numbers never appear in the source as literals: each one is a placeholder, so the PDF always matches results/.
 """
@@ -36,6 +42,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from results_values import (  # noqa: E402
     COIL_NAMES,
+    CSV_TABLES,
+    DECIMALS,
+    GENERATED_SOURCES,
     RESULT_FILES,
     MissingResultsError,
     Results,
@@ -65,8 +74,8 @@ class PaperError(ValueError):
 
 
 def key_source(key: str) -> str:
-    """The RESULT_FILES name a placeholder key is read from."""
-    for prefix, name in KEY_SOURCES:
+    """The RESULT_FILES name a placeholder key (or generated list name) is read from."""
+    for prefix, name in GENERATED_SOURCES + KEY_SOURCES:
         if key.startswith(prefix):
             return name
     return "benchmark_info"
@@ -78,7 +87,8 @@ def substitute(text: str, res: Results, allow_missing: bool, used_missing: List[
     Args:
         text: source text.
         res: loaded results (``values`` and ``missing``).
-        allow_missing: render a marked placeholder when the key's results file is missing, instead of failing.
+        allow_missing: render a marked placeholder when the key's results file is missing, instead of failing
+            (for an optional results file always).
         used_missing: appended with each key that was rendered as a placeholder.
 
     Raises:
@@ -89,6 +99,8 @@ def substitute(text: str, res: Results, allow_missing: bool, used_missing: List[
         key = m.group(1)
         if key in res.values:
             return res.values[key]
+        if key_source(key) in res.missing_optional:
+            return MISSING_MARK.format(key)
         if allow_missing:
             used_missing.append(key)
             return MISSING_MARK.format(key)
@@ -104,7 +116,11 @@ def substitute(text: str, res: Results, allow_missing: bool, used_missing: List[
 
 
 def parse_source(text: str) -> List[Tuple[str, object]]:
-    """Split the markdown subset into blocks: title, h2, h3, para, bullets, table, figure."""
+    """Split the markdown subset into blocks: title, h2, h3, para, bullets, table, csv_table, figure, list.
+
+    ``csv_table`` payloads are ``(name, caption, columns)`` (``columns`` empty: all); the others'
+    ``(name, caption)``.
+    """
     blocks: List[Tuple[str, object]] = []
     lines = text.splitlines()
     i = 0
@@ -135,18 +151,23 @@ def parse_source(text: str) -> List[Tuple[str, object]]:
         elif stripped.startswith("::: "):
             flush()
             parts = stripped[4:].split()
-            if len(parts) != 2 or parts[0] not in ("table", "figure", "list"):
+            csv_table = len(parts) in (3, 4) and parts[:2] == ["table", "csv"]
+            if not csv_table and (len(parts) != 2 or parts[0] not in ("table", "figure", "list")):
                 raise PaperError(f"paper source line {i + 1}: bad directive '{stripped}'")
-            kind, name = parts
+            kind, name = ("csv_table", parts[2]) if csv_table else parts
+            columns = parts[3].split(",") if csv_table and len(parts) == 4 else []
             caption: List[str] = []
-            if kind in ("table", "figure"):  # caption lines up to a closing ':::'
+            if kind in ("table", "csv_table", "figure"):  # caption lines up to a closing ':::'
                 i += 1
                 while i < len(lines) and lines[i].strip() != ":::":
                     caption.append(lines[i].strip())
                     i += 1
                 if i >= len(lines):
                     raise PaperError(f"paper source: {kind} '{name}' caption not closed with ':::'")
-            blocks.append((kind, (name, " ".join(caption))))
+            if kind == "csv_table":
+                blocks.append((kind, (name, " ".join(caption), columns)))
+            else:
+                blocks.append((kind, (name, " ".join(caption))))
         elif stripped.startswith("### "):
             flush()
             blocks.append(("h3", stripped[4:]))
@@ -302,11 +323,79 @@ def render_table_train_speed(pdf: FPDF, res: Results) -> None:
     _body(pdf)
 
 
-def render_missing_box(pdf: FPDF, what: str) -> None:
+# csv column -> heading of ``::: table csv`` (other columns: their name)
+CSV_HEADINGS = {
+    "acceleration": "R",
+    "lambda": "λ",
+    "psnr": "PSNR (dB)",
+    "ssim": "SSIM",
+    "nmse": "NMSE",
+    "noise_residual_ratio": "residual / noise",
+    "seconds": "s",
+}
+
+
+def csv_cell(column: str, value: str) -> str:
+    """A CSV value for a table: numbers by fmt_number (DECIMALS by column, else integers as integers and
+    2 decimals), values written with an exponent (a λ of 1e-3) and text as they are."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return value if value not in ("", None) else "–"
+    if "e" in value.lower() and "inf" not in value.lower() and "nan" not in value.lower():
+        return value
+    decimals = next((d for prefix, d in DECIMALS.items() if column.startswith(prefix)), None)
+    if decimals is None:
+        decimals = 0 if x.is_integer() else 2
+    cell = fmt_number(x, decimals)
+    return f"{cell}×" if column == "acceleration" else cell
+
+
+def csv_table_cells(rows: List[dict], columns: List[str]) -> Tuple[List[str], List[List[str]]]:
+    """Headings and cells of a ``::: table csv``: ``X`` and ``X_std`` become one ``mean ± std`` column."""
+    shown = [c for c in columns if not (c.endswith("_std") and c[: -len("_std")] in columns)]
+    headings = [CSV_HEADINGS.get(c, c) for c in shown]
+    cells = []
+    for r in rows:
+        line = []
+        for c in shown:
+            cell = csv_cell(c, r.get(c, ""))
+            if f"{c}_std" in columns and r.get(f"{c}_std", "") not in ("", None):
+                cell += f" ± {csv_cell(c, r[c + '_std'])}"
+            line.append(cell)
+        cells.append(line)
+    return headings, cells
+
+
+def render_table_csv(pdf: FPDF, rows: List[dict], columns: List[str]) -> None:
+    """A small CSV as a table, column widths by the longest entry."""
+    headings, cells = csv_table_cells(rows, columns)
+    widths = [max([len(h)] + [len(line[j]) for line in cells]) + 2 for j, h in enumerate(headings)]
+    pdf.set_font("Sans", "", 6.5 if sum(widths) > 110 else 7)
+    with pdf.table(
+        col_widths=widths,
+        headings_style=FontFace(emphasis="BOLD", fill_color=(230, 230, 230)),
+        line_height=4,
+        padding=0.8,
+        borders_layout="HORIZONTAL_LINES",
+        text_align="LEFT",
+    ) as table:
+        row = table.row()
+        for h in headings:
+            row.cell(h)
+        for line in cells:
+            row = table.row()
+            for c in line:
+                row.cell(c)
+    _body(pdf)
+
+
+def render_missing_box(pdf: FPDF, what: str, optional: bool = False) -> None:
     pdf.set_font("Sans", "B", 9)
     pdf.set_text_color(200, 0, 0)
     pdf.set_draw_color(200, 0, 0)
-    pdf.multi_cell(0, 12, f"PLACEHOLDER: {what} is missing", border=1, align="C")
+    note = " (optional; this build was made without it)" if optional else ""
+    pdf.multi_cell(0, 12, f"PLACEHOLDER: {what} is missing{note}", border=1, align="C")
     pdf.set_text_color(0, 0, 0)
     pdf.set_draw_color(0, 0, 0)
     _body(pdf)
@@ -332,6 +421,16 @@ def render(blocks: List[Tuple[str, object]], res: Results, out_path: str, allow_
 
     def text(s: str) -> str:
         return substitute(s, res, allow_missing, used_missing)
+
+    def table_caption(number: int, caption: str) -> None:
+        if pdf.will_page_break(30):
+            pdf.add_page()
+        pdf.set_font("Serif", "", 8.5)
+        pdf.multi_cell(
+            0, 4, f"**Table {number}.** " + caption, markdown=True, new_x=XPos.LMARGIN, new_y=YPos.NEXT
+        )
+        pdf.ln(1)
+        _body(pdf)
 
     def render_bullets(items: List[str]) -> None:
         for item in items:
@@ -392,7 +491,9 @@ def render(blocks: List[Tuple[str, object]], res: Results, out_path: str, allow_
             render_bullets([text(item) for item in payload])  # type: ignore[union-attr]
         elif kind == "list":
             name, _ = payload  # type: ignore[misc]
-            if name not in res.lists:
+            if name not in res.lists and key_source(name) in res.missing_optional:
+                items = [MISSING_MARK.format(f"{name} ({RESULT_FILES[key_source(name)][0]})")]
+            elif name not in res.lists:
                 if not allow_missing:
                     raise PaperError(
                         f"paper source: unknown generated list '{name}' (known: {sorted(res.lists)})"
@@ -402,25 +503,36 @@ def render(blocks: List[Tuple[str, object]], res: Results, out_path: str, allow_
             else:
                 items = res.lists[name]
             render_bullets(items)
+        elif kind == "csv_table":
+            name, caption, columns = payload  # type: ignore[misc]
+            if name not in CSV_TABLES:
+                raise PaperError(f"paper source: unknown csv table '{name}' (known: {sorted(CSV_TABLES)})")
+            tab_no += 1
+            table_caption(tab_no, text(caption))
+            if name in res.csv_rows:
+                rows = res.csv_rows[name]
+                available = list(rows[0].keys()) if rows else list(CSV_TABLES[name])
+                lacking = [c for c in columns if c not in available]
+                if lacking:
+                    raise PaperError(f"paper source: csv table '{name}' has no columns {lacking}")
+                render_table_csv(pdf, rows, columns or available)
+            elif name in res.missing_optional:
+                render_missing_box(pdf, RESULT_FILES[name][0], optional=True)
+            else:  # a required CSV table whose file is missing
+                if not allow_missing:
+                    raise MissingResultsError(f"table '{name}' needs {res.paths[name]}")
+                used_missing.append(name)
+                render_missing_box(pdf, RESULT_FILES[name][0])
+            pdf.ln(2)
         elif kind == "table":
             name, caption = payload  # type: ignore[misc]
             source = {"recon": "recon_metrics", "train_speed": "train_speed"}.get(name)
             if source is None:
-                raise PaperError(f"paper source: unknown table '{name}' (known: recon, train_speed)")
+                raise PaperError(
+                    f"paper source: unknown table '{name}' (known: recon, train_speed, csv NAME)"
+                )
             tab_no += 1
-            if pdf.will_page_break(30):
-                pdf.add_page()
-            pdf.set_font("Serif", "", 8.5)
-            pdf.multi_cell(
-                0,
-                4,
-                f"**Table {tab_no}.** " + text(caption),
-                markdown=True,
-                new_x=XPos.LMARGIN,
-                new_y=YPos.NEXT,
-            )
-            pdf.ln(1)
-            _body(pdf)
+            table_caption(tab_no, text(caption))
             if source in res.missing:
                 if not allow_missing:
                     raise MissingResultsError(f"table '{name}' needs {res.paths[source]}")
@@ -436,7 +548,9 @@ def render(blocks: List[Tuple[str, object]], res: Results, out_path: str, allow_
             if name not in RESULT_FILES or not RESULT_FILES[name][0].endswith(".png"):
                 raise PaperError(f"paper source: unknown figure '{name}'")
             fig_no += 1
-            if name in res.missing:
+            if name in res.missing_optional:
+                render_missing_box(pdf, RESULT_FILES[name][0], optional=True)
+            elif name in res.missing:
                 if not allow_missing:
                     raise MissingResultsError(f"figure '{name}' needs {res.paths[name]}")
                 used_missing.append(name)
@@ -496,8 +610,7 @@ def build_paper(
             "missing results files (see docs/results.md; or pass --allow_missing for a marked draft):\n"
             + "\n".join(lines)
         )
-    if "recon_metrics" not in res.missing:
-        add_generated_text(res)
+    add_generated_text(res)
     with open(source, encoding="utf-8") as f:
         blocks = parse_source(f.read())
     used = render(blocks, res, out_path, allow_missing)
@@ -524,6 +637,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     if used:
         print(f"build_paper: DRAFT, {len(used)} placeholders for missing results: {sorted(set(used))}")
+    if res.missing_optional:
+        files = ", ".join(RESULT_FILES[m][0] for m in res.missing_optional)
+        print(f"build_paper: note: optional results not found, shown as placeholders: {files}")
     print(f"build_paper: wrote {args.out}")
     return 0
 

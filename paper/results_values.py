@@ -2,7 +2,9 @@
 
 Every number in the paper comes from here, read at build time from ``results/``; nothing is typed into the
 prose. The files and what they hold are listed in ``RESULT_FILES`` (written by
-``benchmarks/recon_benchmark.py`` and ``benchmarks/record_train_speed.py``, see docs/results.md).
+``benchmarks/recon_benchmark.py``, ``benchmarks/record_train_speed.py``, ``benchmarks/heldout_summary.py``,
+``benchmarks/real_scan.py`` and ``scripts/prior_sample.py``, see docs/results.md); those of
+``OPTIONAL_RESULTS`` may be missing from any build.
 """
 
 from __future__ import annotations
@@ -26,6 +28,21 @@ RESULT_FILES: Dict[str, tuple] = {
     "recon_figure": ("recon_figure.png", "benchmarks/recon_benchmark.py"),
     "benchmark_info": ("benchmark_info.json", "benchmarks/recon_benchmark.py"),
     "train_speed": ("train_speed.csv", "benchmarks/record_train_speed.py"),
+    "heldout_summary": ("heldout_summary.csv", "benchmarks/heldout_summary.py"),
+    "real_scan": ("real_scan.csv", "benchmarks/real_scan.py"),
+    "real_scan_figure": ("real_scan.png", "benchmarks/real_scan.py"),
+    "prior_samples": ("prior_samples.png", "scripts/prior_sample.py (grid PNG copied here)"),
+    "prior_samples_info": ("prior_samples.json", "scripts/prior_sample.py (samples.json copied here)"),
+}
+# Results the paper shows when they exist: a missing one is a marked placeholder box (or [MISSING: key])
+# in every build, without the DRAFT banner, instead of stopping the normal build.
+OPTIONAL_RESULTS = frozenset(
+    ("heldout_summary", "real_scan", "real_scan_figure", "prior_samples", "prior_samples_info")
+)
+# CSV files that "::: table csv NAME" may render, with the columns each must have.
+CSV_TABLES: Dict[str, List[str]] = {
+    "heldout_summary": ["split", "method", "acceleration", "psnr", "ssim"],
+    "real_scan": ["method", "psnr", "ssim"],
 }
 
 # Columns the reconstruction CSV must have (one row per method x coil x acceleration); one list, shared with
@@ -41,6 +58,7 @@ DECIMALS = {
     "sec_per_slice": 2,
     "std_err_corr": 2,
     "center_fraction": 2,
+    "noise_residual_ratio": 2,
 }
 
 
@@ -59,8 +77,10 @@ class Results:
         train_speed_rows: rows of train_speed.csv (strings), in file order.
         steps_rows: rows for the DDIM-versus-ancestral comparison: ``STEPS_FILE`` when that optional run
             exists, else ``recon_rows``.
+        csv_rows: rows (strings) of each ``CSV_TABLES`` file that exists, for ``::: table csv NAME``.
         paths: name -> absolute path of each results file.
-        missing: names of the results files that were not found.
+        missing: names of the required results files that were not found.
+        missing_optional: names of the ``OPTIONAL_RESULTS`` files that were not found.
     """
 
     values: Dict[str, str] = field(default_factory=dict)
@@ -68,8 +88,10 @@ class Results:
     recon_rows: List[Dict[str, str]] = field(default_factory=list)
     train_speed_rows: List[Dict[str, str]] = field(default_factory=list)
     steps_rows: List[Dict[str, str]] = field(default_factory=list)
+    csv_rows: Dict[str, List[Dict[str, str]]] = field(default_factory=dict)
     paths: Dict[str, str] = field(default_factory=dict)
     missing: List[str] = field(default_factory=list)
+    missing_optional: List[str] = field(default_factory=list)
 
 
 def fmt_number(value: Any, decimals: int = 2) -> str:
@@ -176,7 +198,7 @@ def load_results(results_dir: str) -> Results:
         path = os.path.abspath(os.path.join(results_dir, rel))
         res.paths[name] = path
         if not os.path.isfile(path):
-            res.missing.append(name)
+            (res.missing_optional if name in OPTIONAL_RESULTS else res.missing).append(name)
 
     if "recon_metrics" not in res.missing:
         res.recon_rows = read_csv_rows(res.paths["recon_metrics"], RECON_COLUMNS)
@@ -198,6 +220,16 @@ def load_results(results_dir: str) -> Results:
             for col, raw in row.items():
                 if col != "name":
                     res.values[f"speed.{row['name']}.{col}"] = _speed_value(col, raw)
+    for name, required in CSV_TABLES.items():
+        if os.path.isfile(res.paths[name]):
+            res.csv_rows[name] = read_csv_rows(res.paths[name], required)
+    if os.path.isfile(res.paths["prior_samples_info"]):
+        with open(res.paths["prior_samples_info"]) as f:
+            info = json.load(f)
+        if not isinstance(info, dict):
+            raise ValueError(f"{res.paths['prior_samples_info']}: expected a JSON object")
+        _flatten("prior", info, res.values)
+        res.values["prior.checkpoint"] = os.path.basename(str(info.get("model_path", "")))
     return res
 
 
@@ -317,8 +349,88 @@ def uncertainty_items(rows: List[Dict[str, str]]) -> List[str]:
     return items
 
 
+def _lambda_label(row: Dict[str, str]) -> str:
+    return f"{row['method']} (λ {row['lambda']})" if row.get("lambda") else row["method"]
+
+
+def heldout_comparisons(rows: List[Dict[str, str]]) -> List[dict]:
+    """Per split x acceleration: each diffusion row against the best baseline row (over methods and λ).
+
+    The best baseline is picked by mean PSNR among every baseline row that was run on that split, including
+    rows of several λ: that favours the baselines, so the differences are if anything understated.
+    """
+    settings: List[tuple] = []
+    for row in rows:
+        s = (row["split"], int(float(row["acceleration"])))
+        if s not in settings:
+            settings.append(s)
+    out = []
+    for split, acc in settings:
+        these = [r for r in rows if r["split"] == split and int(float(r["acceleration"])) == acc]
+        base = [r for r in these if r["method"] in BASELINES]
+        diff = [r for r in these if r["method"] not in BASELINES]
+        if not base or not diff:
+            continue
+        best = max(base, key=lambda r: float(r["psnr"]))
+        for d in diff:
+            out.append(
+                {
+                    "split": split,
+                    "acceleration": acc,
+                    "diffusion": d,
+                    "baseline": best,
+                    "delta_psnr": float(d["psnr"]) - float(best["psnr"]),
+                    "delta_ssim": float(d["ssim"]) - float(best["ssim"]),
+                }
+            )
+    return out
+
+
+def heldout_items(rows: List[Dict[str, str]]) -> List[str]:
+    """One generated sentence per held-out split x acceleration x diffusion method."""
+    items = []
+    for c in heldout_comparisons(rows):
+        d, b = c["diffusion"], c["baseline"]
+        items.append(
+            f"{c['split']}, {c['acceleration']}×: {d['method']} {fmt_number(d['psnr'], 2)} dB / SSIM "
+            f"{fmt_number(d['ssim'], 3)} against the best baseline, {_lambda_label(b)}, "
+            f"{fmt_number(b['psnr'], 2)} dB / {fmt_number(b['ssim'], 3)}: {c['delta_psnr']:+.2f} dB, SSIM "
+            f"{c['delta_ssim']:+.3f} ({fmt_number(d['volumes'], 0)} volumes)."
+        )
+    if not items:
+        items.append("The held-out summary has no setting with both a diffusion and a baseline row.")
+    return items
+
+
+def heldout_abstract(rows: List[Dict[str, str]]) -> str:
+    """Generated abstract sentence: the range of diffusion-minus-best-baseline PSNR over held-out settings."""
+    comps = heldout_comparisons(rows)
+    if not comps:
+        return "The held-out summary has no diffusion-versus-baseline comparison."
+    deltas = [c["delta_psnr"] for c in comps]
+    higher_ssim = sum(c["delta_ssim"] > 0 for c in comps)
+    return (
+        f"On the held-out split ({len(comps)} settings of coils, noise level and acceleration) the diffusion "
+        f"reconstruction's mean PSNR differed from the best classical baseline by {min(deltas):+.2f} to "
+        f"{max(deltas):+.2f} dB, and its mean SSIM was higher in {higher_ssim} of {len(comps)} settings."
+    )
+
+
+# generated value / list name prefix -> the results file it is built from (for missing-file handling)
+GENERATED_SOURCES = (
+    ("text.heldout", "heldout_summary"),
+    ("heldout", "heldout_summary"),
+    ("prior.", "prior_samples_info"),
+)
+
+
 def add_generated_text(res: Results) -> None:
     """Add generated sentences (``text.*`` values, ``lists``); they state only what the numbers say."""
+    if "heldout_summary" in res.csv_rows:
+        res.values["text.heldout_abstract"] = heldout_abstract(res.csv_rows["heldout_summary"])
+        res.lists["heldout"] = heldout_items(res.csv_rows["heldout_summary"])
+    if "recon_metrics" in res.missing:
+        return
     rows = res.recon_rows
     res.values["text.abstract_results"] = abstract_summary(rows)
     res.values["text.ddim_vs_ancestral"] = ddim_vs_ancestral(res.steps_rows)

@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,7 +83,26 @@ def _row(method, label, coil, acc, psnr, diffusion):
     )
 
 
-def make_fake_results(folder, with_ancestral=True):
+HELDOUT_CSV = (
+    "split,method,acceleration,lambda,psnr,psnr_std,ssim,ssim_std,volumes,source\n"
+    "multicoil8_sigma0.002,sense,4,1e-2,28.0,2.0,0.75,0.05,5,heldout/a/recon_metrics.csv\n"
+    "multicoil8_sigma0.002,bart_pics,4,1e-3,29.5,4.0,0.78,0.1,5,heldout/a/recon_metrics.csv\n"
+    "multicoil8_sigma0.002,ddim_project,4,,30.0,2.5,0.73,0.15,5,heldout/a/recon_metrics.csv\n"
+)
+REAL_SCAN_CSV = (
+    "method,psnr,ssim,noise_residual_ratio,seconds\n"
+    "diffusion (defaults),33.07209,0.8744,0.9917,76.29\nSENSE,31.846,0.7998,0.79,12.27\n"
+)
+OPTIONAL_FILES = (
+    "heldout_summary.csv",
+    "real_scan.csv",
+    "real_scan.png",
+    "prior_samples.png",
+    "prior_samples.json",
+)
+
+
+def make_fake_results(folder, with_ancestral=True, with_optional=True):
     """Write every results file the paper reads, with made-up numbers, into ``folder``."""
     os.makedirs(folder, exist_ok=True)
     rows = []
@@ -116,6 +136,15 @@ def make_fake_results(folder, with_ancestral=True):
         record_train_speed.update_csv(
             os.path.join(folder, "train_speed.csv"), record_train_speed.row_from_result(name, result)
         )
+    if with_optional:
+        folder = Path(folder)
+        (folder / "heldout_summary.csv").write_text(HELDOUT_CSV)
+        (folder / "real_scan.csv").write_text(REAL_SCAN_CSV)
+        for png in ("real_scan.png", "prior_samples.png"):
+            (folder / png).write_bytes((folder / "recon_figure.png").read_bytes())
+        info = {"model_path": "/x/ema_0.999_000010.pt", "flags": {"num_samples": 16, "eta": 0.0}}
+        info["num_network_evaluations_per_sample"] = 50
+        (folder / "prior_samples.json").write_text(json.dumps(info))
     return rows
 
 
@@ -145,6 +174,53 @@ def test_full_build_uses_results(tmp_path):
     fitz = pytest.importorskip("pymupdf")  # the dev extra installs it
     text = " ".join(page.get_text() for page in fitz.open(str(out)))
     assert "25.00 ± 0.50" in text and "MISSING" not in text and "DRAFT" not in text
+    assert "30.00 ± 2.50" in text and "1e-3" in text  # the held-out csv table: mean ± std, λ as written
+    assert "+0.50 dB" in text  # generated: diffusion 30.0 vs the best baseline, BART 29.5
+    assert "33.07" in text and "0.99" in text  # the real-scan csv table
+
+
+def test_optional_results_missing_still_build(tmp_path):
+    make_fake_results(tmp_path / "results", with_optional=False)
+    out = tmp_path / "paper.pdf"
+    res, used = build_paper.build_paper(SOURCE, str(tmp_path / "results"), str(out))
+    assert used == [] and res.missing == []
+    assert sorted(res.missing_optional) == sorted(results_values.OPTIONAL_RESULTS)
+    fitz = pytest.importorskip("pymupdf")
+    text = " ".join(page.get_text() for page in fitz.open(str(out)))
+    assert "DRAFT" not in text and "heldout_summary.csv is missing" in text and "MISSING" in text
+
+
+def test_csv_table_cells():
+    rows = [
+        {
+            "method": "a",
+            "acceleration": "4",
+            "lambda": "1e-3",
+            "psnr": "30.123",
+            "psnr_std": "1.5",
+            "volumes": "5",
+        },
+        {"method": "b", "acceleration": "8", "lambda": "", "psnr": "", "psnr_std": "", "volumes": "5"},
+    ]
+    headings, cells = build_paper.csv_table_cells(rows, list(rows[0]))
+    assert headings == ["method", "R", "λ", "PSNR (dB)", "volumes"]
+    assert cells[0] == ["a", "4×", "1e-3", "30.12 ± 1.50", "5"]
+    assert cells[1] == ["b", "8×", "–", "–", "5"]
+
+
+def test_csv_table_directive(tmp_path):
+    make_fake_results(tmp_path / "results")
+    src = tmp_path / "t.md"
+    src.write_text("# T\n\n::: table csv real_scan method,psnr\ncap\n:::\n")
+    blocks = build_paper.parse_source(src.read_text())
+    assert blocks[1] == ("csv_table", ("real_scan", "cap", ["method", "psnr"]))
+    build_paper.build_paper(str(src), str(tmp_path / "results"), str(tmp_path / "t.pdf"))
+    src.write_text("# T\n\n::: table csv real_scan method,nope\ncap\n:::\n")
+    with pytest.raises(build_paper.PaperError, match="nope"):
+        build_paper.build_paper(str(src), str(tmp_path / "results"), str(tmp_path / "t.pdf"))
+    src.write_text("# T\n\n::: table csv no_such\ncap\n:::\n")
+    with pytest.raises(build_paper.PaperError, match="no_such"):
+        build_paper.build_paper(str(src), str(tmp_path / "results"), str(tmp_path / "t.pdf"))
 
 
 def test_unknown_placeholder_is_an_error(tmp_path):
