@@ -239,22 +239,25 @@ def write_summary(rows: List[Dict[str, str]], path: str) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=HelpFormatter,
-    )
+def create_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--heldout_dir",
+        type=str,
         default=os.path.join(REPO_ROOT, "results", "heldout"),
         help="folder searched recursively for recon_metrics.csv and evaluate_<R>x.csv",
     )
     parser.add_argument(
         "--output",
+        type=str,
         default=os.path.join(REPO_ROOT, "results", "heldout_summary.csv"),
         help="the tidy CSV to write",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = create_argparser().parse_args(argv)
     try:
         rows = collect(args.heldout_dir)
     except SummaryError as err:
