@@ -271,7 +271,7 @@ def test_config_without_attention_token_budget_keeps_global_attention(tmp_path):
 def test_demo_checkpoint_loads_strictly_with_and_without_budget():
     demo = os.path.join(REPO_ROOT, "checkpoints", "demo")
     options = model_options_from_config(load_config(demo), demo)
-    state = torch.load(os.path.join(demo, "ema_0.999_002321.pt"), map_location="cpu", weights_only=True)
+    state = torch.load(os.path.join(demo, "ema_0.999_004018.pt"), map_location="cpu", weights_only=True)
     for budget in (options["attention_token_budget"], 4.0):
         model, _ = create_model_and_diffusion(**{**options, "attention_token_budget": budget})
         model.load_state_dict(state, strict=True)  # the rule adds no parameters or buffers
