@@ -212,6 +212,8 @@ def test_image_train_records_the_flags_in_config_json(tmp_path):
 
 
 def test_defaults_keep_the_demo_config_valid():
+    stage1 = json.loads(open(os.path.join(REPO, "checkpoints", "demo", "config_stage1.json")).read())
+    assert not A.config_from_flags(stage1).enabled  # a config without the keys means no augmentation
     demo = json.loads(open(os.path.join(REPO, "checkpoints", "demo", "config.json")).read())
-    assert not A.config_from_flags(demo).enabled  # a config without the keys means no augmentation
+    assert dict(A.config_from_flags(demo).probabilities)["gain"] == 1.0  # the fine-tune's augmentations
     assert not A.config_from_flags(A.augment_defaults()).enabled
