@@ -298,28 +298,37 @@ SPEED_HEADINGS = {
 }
 
 
-def render_table_train_speed(pdf: FPDF, res: Results) -> None:
-    """The training-speed table: the non-empty columns of results/train_speed.csv."""
-    rows = res.train_speed_rows
-    columns = [c for c in (rows[0].keys() if rows else []) if any(r.get(c, "") != "" for r in rows)]
-    headings = [SPEED_HEADINGS.get(c, (c, 14))[0] for c in columns]
-    widths = [SPEED_HEADINGS.get(c, (c, 14))[1] for c in columns]
-    pdf.set_font("Sans", "", 7)
+def _table(pdf: FPDF, widths: List[int], headings: List[str], cells: List[List[str]], align: str) -> None:
+    """One table in the paper's style: bold grey heading row, horizontal rules, then the cell rows."""
     with pdf.table(
         col_widths=widths,
         headings_style=FontFace(emphasis="BOLD", fill_color=(230, 230, 230)),
         line_height=4,
         padding=0.8,
         borders_layout="HORIZONTAL_LINES",
-        text_align="CENTER",
+        text_align=align,
     ) as table:
         row = table.row()
         for h in headings:
             row.cell(h)
-        for r in rows:
+        for line in cells:
             row = table.row()
-            for c in columns:
-                row.cell(res.values.get(f"speed.{r['name']}.{c}", r[c]) if c != "name" else r[c])
+            for c in line:
+                row.cell(c)
+
+
+def render_table_train_speed(pdf: FPDF, res: Results) -> None:
+    """The training-speed table: the non-empty columns of results/train_speed.csv."""
+    rows = res.train_speed_rows
+    columns = [c for c in (rows[0].keys() if rows else []) if any(r.get(c, "") != "" for r in rows)]
+    headings = [SPEED_HEADINGS.get(c, (c, 14))[0] for c in columns]
+    widths = [SPEED_HEADINGS.get(c, (c, 14))[1] for c in columns]
+    cells = [
+        [res.values.get(f"speed.{r['name']}.{c}", r[c]) if c != "name" else r[c] for c in columns]
+        for r in rows
+    ]
+    pdf.set_font("Sans", "", 7)
+    _table(pdf, widths, headings, cells, "CENTER")
     _body(pdf)
 
 
@@ -372,21 +381,7 @@ def render_table_csv(pdf: FPDF, rows: List[dict], columns: List[str]) -> None:
     headings, cells = csv_table_cells(rows, columns)
     widths = [max([len(h)] + [len(line[j]) for line in cells]) + 2 for j, h in enumerate(headings)]
     pdf.set_font("Sans", "", 6.5 if sum(widths) > 110 else 7)
-    with pdf.table(
-        col_widths=widths,
-        headings_style=FontFace(emphasis="BOLD", fill_color=(230, 230, 230)),
-        line_height=4,
-        padding=0.8,
-        borders_layout="HORIZONTAL_LINES",
-        text_align="LEFT",
-    ) as table:
-        row = table.row()
-        for h in headings:
-            row.cell(h)
-        for line in cells:
-            row = table.row()
-            for c in line:
-                row.cell(c)
+    _table(pdf, widths, headings, cells, "LEFT")
     _body(pdf)
 
 
