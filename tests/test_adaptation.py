@@ -2,30 +2,18 @@
 
 import pytest
 import torch
+from test_reconstruction import tiny_model_and_diffusion
 
 from improved_diffusion.adaptation import adapted_prior, data_loss, select_parameters
 from improved_diffusion.data_consistency import MeasurementOperator
 from improved_diffusion.mri.fftc import fft2c
 from improved_diffusion.reconstruction import ReconOptions, reconstruct_slice
-from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 H = W = 16
 
 
 def _tiny():
-    cfg = model_and_diffusion_defaults()
-    cfg.update(
-        image_size=16,
-        num_channels=8,
-        num_res_blocks=1,
-        attention_resolutions="",
-        diffusion_steps=20,
-        channel_mult="1,2",
-        num_heads=1,
-        timestep_respacing="4",
-    )
-    torch.manual_seed(0)
-    model, diffusion = create_model_and_diffusion(**cfg)
+    model, diffusion = tiny_model_and_diffusion()
     with torch.no_grad():  # a trained network has no zero-initialized output layer (which blocks gradients)
         for p in model.parameters():
             if not p.any():
@@ -34,7 +22,7 @@ def _tiny():
 
 
 def _scan(sigma=0.01):
-    yy, xx = torch.meshgrid(torch.arange(H.__float__()), torch.arange(W.__float__()), indexing="ij")
+    yy, xx = torch.meshgrid(torch.arange(float(H)), torch.arange(float(W)), indexing="ij")
     x = torch.polar(((yy - 8) ** 2 + (xx - 8) ** 2 < 30).float() * 0.5, 0.1 * xx).to(torch.complex64)
     mask = torch.zeros(W)
     mask[::2] = 1

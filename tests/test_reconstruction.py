@@ -77,8 +77,8 @@ def _oracle_diffusion(respacing="5"):
     )
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
+def tiny_model_and_diffusion():
+    """A 16x16 UNet (seeded) on a 20-step diffusion respaced to 4 steps, in eval mode."""
     cfg = model_and_diffusion_defaults()
     cfg.update(
         image_size=16,
@@ -93,6 +93,11 @@ def tiny_model():
     torch.manual_seed(0)
     model, diffusion = create_model_and_diffusion(**cfg)
     return model.eval(), diffusion
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return tiny_model_and_diffusion()
 
 
 @pytest.mark.parametrize("multicoil", [False, True])
