@@ -125,15 +125,23 @@ def test_bart_failure_is_a_one_line_error():
 
 
 @needs_bart
-def test_pics_fully_sampled_single_coil_is_ifft2c():
+@pytest.mark.parametrize("shape", [(24, 20), (24, 18), (22, 18)])  # H/2, W/2 even/odd: pics' sign convention
+def test_pics_fully_sampled_single_coil_is_ifft2c(shape):
     rng = np.random.default_rng(2)
-    img = _cplx(rng, (24, 20))  # H != W: a transposed layout would not even fit
+    img = _cplx(rng, shape)  # H != W: a transposed layout would not even fit
     k = fft2c(torch.from_numpy(img)).numpy()
     out = bart.pics_l1(k, None, None, 0.0, iters=30)
     np.testing.assert_allclose(out, img, atol=1e-4)
     # without -w 1 BART divides the data by its own estimate and returns the image in those units
     auto = bart.pics_l1(k, None, None, 0.0, iters=30, scaling=None)
     assert abs(np.vdot(img, auto) / np.vdot(img, img) - 1) > 0.1
+
+
+@needs_bart
+def test_pics_refuses_odd_sizes():
+    k = fft2c(torch.from_numpy(_cplx(np.random.default_rng(3), (16, 15)))).numpy()
+    with pytest.raises(bart.BartError, match="odd image size"):
+        bart.pics_l1(k, None, None, 0.0, iters=5)
 
 
 @needs_bart
