@@ -79,7 +79,7 @@ def header_xml(encoded: Sequence[int], recon: Sequence[int]) -> str:
 def anatomy(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """(rows, cols) complex image: an MNI152 axial slice filling ~90% of (rows, cols), smooth phase."""
     sys.path.insert(0, REPO_ROOT)
-    from datasets.make_demo_data import load_template
+    from datasets.mni152 import load_template
 
     vol = load_template()
     img = torch.from_numpy(vol[vol.shape[0] // 2].copy())[None, None]

@@ -37,6 +37,7 @@ sys.path.insert(1, REPO_ROOT)
 from recon_benchmark import BASELINE_LAMBDA  # noqa: E402
 from recon_report import CSV_COLUMNS as RECON_COLUMNS  # noqa: E402
 
+from improved_diffusion.evaluation import FOLDER_FIELDS, SUMMARY_ROWS  # noqa: E402
 from improved_diffusion.io_util import atomic_write_text  # noqa: E402
 from improved_diffusion.script_util import HelpFormatter  # noqa: E402
 
@@ -52,9 +53,6 @@ COLUMNS = [
     "volumes",
     "source",
 ]
-EVALUATE_COLUMNS = ["method", "predictions_dir", "file", "target", "nmse", "psnr", "ssim"]
-# evaluate.py's per-folder summary rows (not volumes)
-SUMMARY_FILES = ("mean", "std")
 SPLIT_NAME = re.compile(r"^((singlecoil|multicoil(\d+))_sigma([0-9.]*[0-9]))")
 EVALUATE_NAME = re.compile(r"^evaluate_(\d+)x\.csv$")
 # methods that take a regularization weight (recon_benchmark.py passes them --lamda)
@@ -162,8 +160,8 @@ def recon_rows(path: str, split: str, source: str) -> List[Dict[str, str]]:
 def evaluate_rows(path: str, split: str, source: str, acceleration: str) -> List[Dict[str, str]]:
     """Summary rows of one evaluate.py CSV: mean and std over its volume rows, per method and folder."""
     groups: Dict[tuple, List[Dict[str, str]]] = {}
-    for row in _read_rows(path, EVALUATE_COLUMNS):
-        if row["file"] in SUMMARY_FILES:
+    for row in _read_rows(path, FOLDER_FIELDS):
+        if row["file"] in SUMMARY_ROWS:  # evaluate.py's per-folder mean/std, not volumes
             continue
         groups.setdefault((row["method"], row["predictions_dir"]), []).append(row)
     if not groups:

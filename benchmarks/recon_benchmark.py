@@ -4,8 +4,10 @@ For each coil setting (single-coil, multi-coil) and acceleration (4×: random ma
 8×: equispaced_fraction, centre fraction 0.04, fastMRI's conventions; the fraction variant samples W/8
 columns in total, plain equispaced would add the centre block on top), every method is run through the
 product's own command-line scripts (scripts/baseline_recon.py, scripts/image_sample.py, as subprocesses
-with this Python), and its output volumes are scored here against the targets stored in the input files
-(reconstruction_esc for single-coil, reconstruction_rss for multi-coil) with fastMRI's metrics.
+with this Python), and its output volumes are scored against the targets stored in the input files
+(reconstruction_esc for single-coil, reconstruction_rss for multi-coil) with fastMRI's metrics
+(``improved_diffusion.evaluation.score_run``). Helpers beside this script: bench_inputs.py (reduced input
+copies), recon_report.py (rows, tables, figure), training_info.py (checkpoint facts for the paper).
 
 Methods: zero_filled, sense (multi-coil only), l1_wavelet, bart_pics (BART's ``pics -l1`` with
 ``ecalib`` maps, the outside reference; skipped with a note when the ``bart`` command is missing),
@@ -33,7 +35,6 @@ Example (the real run; docs/results.md lists the reduced smoke run)::
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import hashlib
 import json
@@ -50,14 +51,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import recon_report  # noqa: E402
+from bench_inputs import TARGET_KEYS, data_info, list_h5, prepare_inputs  # noqa: E402
+from training_info import training_info  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-from improved_diffusion.io_util import (  # noqa: E402
-    atomic_write,
-    atomic_write_text,
-    list_h5_files,  # noqa: E402
-)
+from improved_diffusion.evaluation import score_run  # noqa: E402
+from improved_diffusion.io_util import atomic_write_text  # noqa: E402
 from improved_diffusion.reconstruction import DEFAULT_T0  # noqa: E402
 from improved_diffusion.script_util import HelpFormatter  # noqa: E402
 
@@ -65,7 +65,6 @@ SCRIPTS = os.path.join(REPO_ROOT, "scripts")
 
 # acceleration -> (mask type, centre fraction): fastMRI's knee 4× and brain 8× protocols.
 PROTOCOLS: Dict[int, Tuple[str, float]] = {4: ("random", 0.08), 8: ("equispaced_fraction", 0.04)}
-TARGET_KEYS = {"singlecoil": "reconstruction_esc", "multicoil": "reconstruction_rss"}
 # Regularization weights per (method, coil, acceleration) in normalized units, chosen by PSNR on one demo
 # TRAINING volume (demo_*_train_002.h5, slices 3-6; maps estimated as in the benchmark) on a grid from 3e-5
 # to 0.1 in steps of ~3x, never on the validation files (docs/results.md has the sweep).
@@ -190,91 +189,6 @@ def drop_unavailable(methods: List[Method]) -> Tuple[List[Method], List[str]]:
     return [m for m in methods if m.name not in BART_METHODS], [note]
 
 
-# ------------------------------------------------------------------------------------------------ inputs
-
-
-def list_h5(folder: str) -> List[str]:
-    """Sorted .h5 files directly in ``folder``."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"data folder {folder}: not found")
-    files = list_h5_files(folder, recursive=False)
-    if not files:
-        raise ValueError(f"data folder {folder}: no .h5 files")
-    return files
-
-
-def central_slices(num_slices: int, max_slices: int) -> range:
-    """The ``max_slices`` central slice indices (all when max_slices <= 0)."""
-    if max_slices <= 0 or max_slices >= num_slices:
-        return range(num_slices)
-    start = (num_slices - max_slices) // 2
-    return range(start, start + max_slices)
-
-
-def subset_file(src: str, dst: str, max_slices: int, drop_keys: Sequence[str] = ()) -> None:
-    """Copy an h5 file keeping only its central ``max_slices`` slices of the per-slice datasets.
-
-    Datasets whose first axis is the slice axis (kspace, targets, sens_maps) are cut; others (a 1-D/2-D
-    ``mask``) and the attrs are copied unchanged; ``drop_keys`` are left out. The file name is kept, so
-    name-seeded masks are unchanged.
-    """
-    with h5py.File(src, "r") as fin:
-        if "kspace" not in fin:
-            raise ValueError(f"{src}: missing key 'kspace'")
-        n = fin["kspace"].shape[0]
-        keep = central_slices(n, max_slices)
-
-        def write(tmp: str) -> None:
-            with h5py.File(tmp, "w") as fout:
-                for key, ds in fin.items():
-                    if not isinstance(ds, h5py.Dataset) or key in drop_keys:
-                        continue
-                    per_slice = key != "mask" and ds.ndim >= 3 and ds.shape[0] == n
-                    data = ds[keep.start : keep.stop] if per_slice else ds[()]
-                    fout.create_dataset(key, data=data)
-                    for k, v in ds.attrs.items():
-                        fout[key].attrs[k] = v
-                for k, v in fin.attrs.items():
-                    fout.attrs[k] = v
-
-        atomic_write(dst, write)
-
-
-def _has_key(path: str, key: str) -> bool:
-    with h5py.File(path, "r") as f:
-        return key in f
-
-
-def prepare_inputs(
-    src_dir: str, work_dir: str, coil: str, max_files: int, max_slices: int, drop_maps: bool = True
-) -> str:
-    """The folder the methods read: ``src_dir`` itself, or a copy that is reduced and/or without maps.
-
-    Args:
-        src_dir: folder of fastMRI-format h5 files.
-        work_dir: the benchmark's work folder (copies go to ``<work_dir>/inputs/``).
-        coil: ``singlecoil`` or ``multicoil``.
-        max_files, max_slices: keep the first files / their central slices (<= 0: all).
-        drop_maps: leave out stored ``sens_maps`` (computed from fully sampled data by
-            datasets/prepare_fastmri.py), so that every method estimates its maps from the undersampled
-            k-space centre, as a real accelerated scan must.
-    """
-    files = list_h5(src_dir)
-    if max_files > 0:
-        files = files[:max_files]
-    drop = ("sens_maps",) if drop_maps and any(_has_key(f, "sens_maps") for f in files) else ()
-    if max_files <= 0 and max_slices <= 0 and not drop:
-        return os.path.abspath(src_dir)
-    tag = f"{coil}_f{max_files}_s{max_slices}" + ("_nomaps" if drop else "")
-    dst_dir = os.path.join(work_dir, "inputs", tag)
-    os.makedirs(dst_dir, exist_ok=True)
-    for src in files:
-        dst = os.path.join(dst_dir, os.path.basename(src))
-        if not os.path.exists(dst) or os.path.getmtime(dst) < os.path.getmtime(src):
-            subset_file(src, dst, max_slices, drop)
-    return dst_dir
-
-
 # --------------------------------------------------------------------------------------------- one run
 
 
@@ -313,59 +227,6 @@ def _signature(cmd: Sequence[str], input_dir: str) -> str:
     return hashlib.sha256(json.dumps([parts[1:], files]).encode()).hexdigest()[:16]
 
 
-def score_outputs(out_dir: str, input_dir: str, coil: str) -> Dict[str, Any]:
-    """Score every output volume of one run against the targets in its input files.
-
-    Returns:
-        ``{"volumes": [{"file", "num_slices", "nmse", "psnr", "ssim", "seconds_per_slice", "nfe",
-        "num_samples", "corr": [per-slice r]}], "target": key}``.
-    """
-    from improved_diffusion.mri import metrics as mri_metrics
-
-    target_key = TARGET_KEYS[coil]
-    volumes = []
-    for src in list_h5(input_dir):
-        name = os.path.basename(src)
-        out = os.path.join(out_dir, name)
-        if not os.path.isfile(out):
-            raise ValueError(f"{out}: missing output of the run (the script did not write it)")
-        with h5py.File(src, "r") as f:
-            if target_key not in f:
-                raise ValueError(f"{src}: no target '{target_key}' to score {coil} reconstructions against")
-            target = np.asarray(f[target_key][()], dtype=np.float64)
-        with h5py.File(out, "r") as f:
-            recon = np.asarray(f["reconstruction"][()], dtype=np.float64)
-            std = (
-                np.asarray(f["reconstruction_std"][()], dtype=np.float64)
-                if "reconstruction_std" in f
-                else None
-            )
-            attrs = dict(f.attrs)
-        if recon.shape != target.shape:
-            raise ValueError(
-                f"{out}: reconstruction {recon.shape} does not match target {target.shape} in {src}"
-            )
-        m = mri_metrics.volume_metrics(target, recon)
-        num_samples = int(attrs.get("num_samples", 0) or 0)
-        corr: List[float] = []
-        if std is not None and num_samples > 1:
-            corr = [float(r) for r in recon_report.std_error_correlation(std, np.abs(recon - target))]
-        volumes.append(
-            {
-                "file": name,
-                "num_slices": int(target.shape[0]),
-                "nmse": float(m["nmse"]),
-                "psnr": float(m["psnr"]),
-                "ssim": float(m["ssim"]),
-                "seconds_per_slice": float(attrs.get("seconds_per_slice", float("nan"))),
-                "nfe": int(attrs.get("nfe", 0) or 0),
-                "num_samples": num_samples,
-                "corr": corr,
-            }
-        )
-    return {"volumes": volumes, "target": target_key}
-
-
 def run_method(
     method: Method,
     coil: str,
@@ -399,7 +260,7 @@ def run_method(
         raise RuntimeError(
             f"{method.name} on {coil} {acceleration}x failed (exit {proc.returncode}); command above"
         )
-    summary = score_outputs(out_dir, input_dir, coil)
+    summary = {"volumes": score_run(out_dir, input_dir, TARGET_KEYS[coil]), "target": TARGET_KEYS[coil]}
     summary.update(signature=signature, wall_seconds=time.time() - start, command=cmd[1:])
     atomic_write_text(summary_path, json.dumps(summary, indent=1))
     return summary
@@ -429,97 +290,6 @@ def summary_row(method: Method, coil: str, acceleration: int, summary: Dict[str,
         sec_per_slice=sec_per_slice,
         corr_per_slice=corr if method.diffusion and corr else None,
     )
-
-
-# ------------------------------------------------------------------------------------ info for the paper
-
-WALL_TIME_COLUMNS = ("time_elapsed", "elapsed_s", "elapsed_sec", "wall_s", "wall_time", "time")
-
-
-def training_info(model_path: str) -> Dict[str, Any]:
-    """Model and training facts from a checkpoint, its config.json and its log dir's progress.csv.
-
-    The wall time comes from a progress.csv column of elapsed seconds when the training log has one;
-    otherwise it is estimated from file times (config.json written at the start of the last (re)start,
-    the checkpoint at its end) and marked as such in ``wall_time_source``.
-    """
-    import torch
-
-    from improved_diffusion.script_util import load_config
-
-    config = load_config(model_path)
-    state = torch.load(model_path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    num_params = int(sum(v.numel() for v in state.values() if hasattr(v, "numel")))
-    log_dir = os.path.dirname(os.path.abspath(model_path))
-    digits = "".join(
-        ch for ch in os.path.basename(model_path).rsplit(".", 1)[0].rsplit("_", 1)[-1] if ch.isdigit()
-    )
-    step = int(digits) if digits else None
-    wall_hours, source = None, "unknown"
-    progress = os.path.join(log_dir, "progress.csv")
-    if os.path.isfile(progress):
-        with open(progress, newline="") as f:
-            rows = list(csv.DictReader(f))
-        col = next((c for c in WALL_TIME_COLUMNS if rows and c in rows[0]), None)
-        if col is not None:
-            upto = [
-                r for r in rows if r.get(col) and (step is None or int(float(r.get("step") or 0)) <= step)
-            ]
-            if upto:
-                wall_hours, source = float(upto[-1][col]) / 3600.0, f"progress.csv column '{col}'"
-    cfg_file = os.path.join(log_dir, "config.json")
-    if wall_hours is None and os.path.isfile(cfg_file):
-        wall_hours = max(os.path.getmtime(model_path) - os.path.getmtime(cfg_file), 0.0) / 3600.0
-        source = "estimated from file times (config.json to checkpoint; since the last restart)"
-    model_keys = (
-        "image_size",
-        "num_channels",
-        "num_res_blocks",
-        "attention_resolutions",
-        "channel_mult",
-        "diffusion_steps",
-        "noise_schedule",
-        "learn_sigma",
-        "use_kl",
-        "dropout",
-    )
-    model = {k: config[k] for k in model_keys if k in config}
-    model.update(
-        checkpoint=os.path.basename(model_path), params_m=round(num_params / 1e6, 2), params=num_params
-    )
-    training = {
-        "steps": step,
-        "batch_size": config.get("batch_size"),
-        "lr": config.get("lr"),
-        "ema_rate": str(config.get("ema_rate", "")),
-        "data_dir": config.get("data_dir"),
-        "crop_size": str(config.get("crop_size", "")),
-        "device": config.get("device", "cpu (no CUDA device recorded)"),
-        "wall_hours": None if wall_hours is None else round(wall_hours, 2),
-        "wall_time_source": source,
-    }
-    return {"model": model, "training": training}
-
-
-def data_info(input_dirs: Dict[str, str]) -> Dict[str, Any]:
-    """Volumes, slices, shapes and coils of the inputs actually scored."""
-    out: Dict[str, Any] = {}
-    shape = None
-    for coil, folder in input_dirs.items():
-        files = list_h5(folder)
-        slices, coils = 0, 0
-        for path in files:
-            with h5py.File(path, "r") as f:
-                ksp = f["kspace"]
-                slices += int(ksp.shape[0])
-                coils = int(ksp.shape[1]) if ksp.ndim == 4 else 1
-                tgt = f.get(TARGET_KEYS[coil])
-                shape = list(tgt.shape[1:]) if tgt is not None else list(ksp.shape[-2:])
-        out[coil] = {"dir": folder, "volumes": len(files), "slices": slices, "coils": coils}
-    out["image_shape"] = shape
-    return out
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -724,7 +494,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     res = args.results_dir
     recon_report.write_csv(rows, os.path.join(res, "recon_metrics.csv"))
-    _write_per_volume(per_volume, os.path.join(res, "recon_per_volume.csv"))
+    recon_report.write_per_volume_csv(per_volume, os.path.join(res, "recon_per_volume.csv"))
     header = (
         "Reconstruction benchmark (benchmarks/recon_benchmark.py): mean ± std over volumes; fastMRI "
         "NMSE/PSNR/SSIM against reconstruction_esc (single-coil) and reconstruction_rss (multi-coil); "
@@ -794,19 +564,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"recon_benchmark: {len(failed)} run(s) failed and are missing from the results: {failed}")
         return 1
     return 0
-
-
-def _write_per_volume(rows: List[Dict[str, Any]], path: str) -> None:
-    fields = ["method", "coil", "acceleration", "file", "num_slices", "nmse", "psnr", "ssim"]
-    fields += ["seconds_per_slice", "nfe", "num_samples"]
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic_write(path, write)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,16 @@
 
 Pure functions on numpy arrays and dicts, so they can be tested without a model:
 
-* :func:`std_error_correlation` — per-slice Pearson correlation between a std map and an |error| map;
 * :func:`summarize` — per-volume metrics of a method and setting -> a CSV row (mean ± std over volumes);
-* :func:`write_csv`, :func:`write_markdown_table` — results/recon_metrics.csv and results/recon_table.md;
+* :func:`write_csv`, :func:`write_per_volume_csv`, :func:`write_markdown_table` — results/recon_metrics.csv,
+  results/recon_per_volume.csv and results/recon_table.md;
 * :func:`make_figure` — results/recon_figure.png (one slice, every method, |error| maps, std maps).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -41,37 +42,11 @@ CSV_COLUMNS = [
     "std_err_corr_std",
 ]
 
+# The columns of results/recon_per_volume.csv (one row per method, setting and volume).
+PER_VOLUME_COLUMNS = ["method", "coil", "acceleration", "file", "num_slices", "nmse", "psnr", "ssim"]
+PER_VOLUME_COLUMNS += ["seconds_per_slice", "nfe", "num_samples"]
+
 COIL_LABELS = {"singlecoil": "single-coil", "multicoil": "multi-coil"}
-
-
-def std_error_correlation(std_map: np.ndarray, abs_error: np.ndarray) -> np.ndarray:
-    """Pearson correlation, per slice, between the posterior std map and the absolute error map.
-
-    Args:
-        std_map: ``(S, H, W)`` (or ``(H, W)``) pixel-wise standard deviation over the K samples.
-        abs_error: same shape, ``|mean reconstruction - target|``.
-
-    Returns:
-        ``(S,)`` float64 correlations over all pixels of each slice; NaN where either map is constant
-        (a correlation is undefined there, and we do not invent one).
-    """
-    s = np.asarray(std_map, dtype=np.float64)
-    e = np.asarray(abs_error, dtype=np.float64)
-    if s.shape != e.shape:
-        raise ValueError(f"std map {s.shape} and error map {e.shape} differ in shape")
-    if s.ndim == 2:
-        s, e = s[None], e[None]
-    if s.ndim != 3:
-        raise ValueError(f"expected (S, H, W) or (H, W) maps, got {s.shape}")
-    s = s.reshape(s.shape[0], -1)
-    e = e.reshape(e.shape[0], -1)
-    s = s - s.mean(axis=1, keepdims=True)
-    e = e - e.mean(axis=1, keepdims=True)
-    denom = np.sqrt((s * s).sum(axis=1) * (e * e).sum(axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (s * e).sum(axis=1) / denom
-    r[denom == 0] = np.nan
-    return r
 
 
 def mean_std(values: Sequence[float]) -> tuple:
@@ -138,16 +113,23 @@ def _fmt_cell(value: object) -> str:
     return str(value)
 
 
-def write_csv(rows: List[Dict[str, object]], path: str) -> None:
-    """Write the tidy CSV (columns ``CSV_COLUMNS``) atomically; NaN is written as an empty cell."""
-    import io
-
+def _write_rows(path: str, rows: List[Dict[str, object]], columns: Sequence[str], cell=lambda v: v) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({c: _fmt_cell(row.get(c, "")) for c in CSV_COLUMNS})
+        writer.writerow({c: cell(row.get(c, "")) for c in columns})
     atomic_write_text(path, buf.getvalue())
+
+
+def write_csv(rows: List[Dict[str, object]], path: str) -> None:
+    """Write the tidy CSV (columns ``CSV_COLUMNS``) atomically; NaN is written as an empty cell."""
+    _write_rows(path, rows, CSV_COLUMNS, _fmt_cell)
+
+
+def write_per_volume_csv(rows: List[Dict[str, object]], path: str) -> None:
+    """Write results/recon_per_volume.csv (columns ``PER_VOLUME_COLUMNS``, values as they are) atomically."""
+    _write_rows(path, rows, PER_VOLUME_COLUMNS)
 
 
 def _pm(row: Dict[str, object], metric: str, decimals: int) -> str:

@@ -19,34 +19,13 @@ and ``reconstruction_esc``; ``multicoil_{train,val}/`` with ``kspace`` (slices, 
 acquisition, max, norm, patient_id; ``manifest.json`` lists the template slices of every file.
 
 Synthesized contrasts (``--contrasts``, off by default): extra training folders
-``{singlecoil,multicoil}_synth_train/`` made from nilearn's grey- and white-matter probability maps and brain
-mask on the template's grid (``load_mni152_gm_template``, ``load_mni152_wm_template``,
-``load_mni152_brain_mask``, resolution=1, no download; CSF = mask - GM - WM clipped at 0). Each slice gets
-its own tissue intensities, drawn uniformly from the ranges of :data:`CONTRAST_RANGES` (the template's own
-T1 has WM 0.87, GM 0.65, CSF 0.28 in the median of pure-tissue voxels); the image is
-``i_GM p_GM + i_WM p_WM + i_CSF p_CSF`` (brain only, like the template), at most 1:
+``{singlecoil,multicoil}_synth_train/`` of T1/T2/PD/FLAIR-like images made from the template's tissue maps,
+cut in every ``--orientations`` and kept away from the validation slices (``--synth_holdout``), simulated
+like the demo set; ``manifest.json`` gets a ``synthetic`` entry. The intensity ranges and the hold-out
+geometry are described in ``synth_contrasts.py``.
 
-=========  ==============  ==============  ==============  =========================
-contrast   WM              GM              CSF             order
-=========  ==============  ==============  ==============  =========================
-t1         0.80 - 0.95     0.55 - 0.70     0.10 - 0.30     WM > GM > CSF
-t2         0.30 - 0.45     0.50 - 0.65     0.85 - 1.00     CSF > GM > WM
-pd         0.50 - 0.62     0.65 - 0.78     0.80 - 0.95     CSF > GM > WM (flatter)
-flair      0.50 - 0.65     0.70 - 0.90     0.00 - 0.10     GM > WM > CSF (suppressed)
-=========  ==============  ==============  ==============  =========================
-
-Slices are cut in every ``--orientations`` (axial, coronal: superior up, sagittal: superior up and anterior
-left) and simulated exactly like the demo set (smooth phase, no inverse crime, noise, single- and
-multi-coil, same keys). Validation stays apart: axial slices come from the brain slices at least
-``HOLDOUT_GAP`` slices away from every validation slice. A coronal or sagittal slice crosses every axial
-slice, so with ``--synth_holdout slab`` (the default) it is cut from a slab of the brain between (or beyond)
-the validation volumes, at least ``MIN_SLAB`` slices thick, with a cosine taper of ``SLAB_TAPER`` slices at
-its edges (a slab profile): no synthesized voxel lies within ``HOLDOUT_GAP`` slices of a validation slice,
-and those images show part of the brain. (Under the old 3 x 3-block intensity scale those partial images
-normalized far above [-1, 1]; the scale now comes from the whole fully sampled k-space, so every training
-slice peaks at 0.5.) ``--synth_holdout none`` cuts whole coronal and sagittal slices instead (they pass
-through the validation slices' anatomy, in other contrasts and orientations). ``manifest.json`` gets a
-``synthetic`` entry with the held-out slices, every file's positions, slabs and intensities.
+Modules beside this script: ``mni152.py`` (template and tissue maps), ``synth_contrasts.py`` (contrasts,
+hold-out), ``kspace_simulation.py`` (phase, coils, k-space, targets, file; shared with make_heldout_data.py).
 
     python datasets/make_demo_data.py                     # full set (~80 slices per kind)
     python datasets/make_demo_data.py --tiny --output_dir /tmp/demo   # seconds, for tests
@@ -54,197 +33,47 @@ through the validation slices' anatomy, in other contrasts and orientations). ``
 """
 
 import argparse
-import functools
 import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import h5py
 import numpy as np
 import torch
 
-try:
-    import prepare_fastmri
-except ImportError:  # imported from elsewhere than this folder
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import prepare_fastmri
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the modules beside this script
+import prepare_fastmri  # noqa: E402
+from kspace_simulation import (  # noqa: E402
+    FOV,
+    birdcage_maps,
+    folder_size_mb,
+    ismrmrd_header,
+    pad_to_fov,
+    simulate_kspace,
+    smooth_phase,
+    target_attrs,
+    target_from_kspace,
+    write_fastmri_file,
+)
+from mni152 import ORIENTATIONS, brain_slices, load_template, load_tissue_maps  # noqa: E402
+from synth_contrasts import (  # noqa: E402
+    ACQUISITION_PREFIX,
+    CONTRAST_RANGES,
+    HOLDOUT_GAP,
+    SYNTH_HOLDOUTS,
+    TISSUES,
+    draw_intensities,
+    heldout_slices,
+    slabs,
+    synth_sections,
+    synthesize,
+)
 
-from improved_diffusion.fastmri_data import scale_from_kspace, slice_to_image
-from improved_diffusion.io_util import atomic_write, atomic_write_text
-from improved_diffusion.mri.fftc import fft2c, ifft2c
-from improved_diffusion.script_util import HelpFormatter
-
-FOV = 240  # mm: zero-padded 1 mm grid that holds the whole head (233 mm front to back)
-BRAIN_AREA_FRACTION = 0.3  # a slice counts as brain when its area is >= 30% of the largest slice's
-TISSUE_LEVEL = 0.05  # template intensity above which a voxel is tissue
-
-# Synthesized contrasts: (low, high) intensity of each tissue, drawn uniformly per slice (module docstring).
-CONTRAST_RANGES: Dict[str, Dict[str, Tuple[float, float]]] = {
-    "t1": {"wm": (0.80, 0.95), "gm": (0.55, 0.70), "csf": (0.10, 0.30)},
-    "t2": {"wm": (0.30, 0.45), "gm": (0.50, 0.65), "csf": (0.85, 1.00)},
-    "pd": {"wm": (0.50, 0.62), "gm": (0.65, 0.78), "csf": (0.80, 0.95)},
-    "flair": {"wm": (0.50, 0.65), "gm": (0.70, 0.90), "csf": (0.00, 0.10)},
-}
-TISSUES = ("gm", "wm", "csf")
-ORIENTATIONS = ("axial", "coronal", "sagittal")
-ACQUISITION_PREFIX = {"axial": "AX", "coronal": "COR", "sagittal": "SAG"}
-HOLDOUT_GAP = 4  # synthesized images keep |z - z_val| >= 4 to every validation slice (as training volumes)
-SYNTH_HOLDOUTS = ("slab", "none")
-MIN_SLAB = 32  # thinnest slab (slices) a coronal or sagittal image is cut from
-SLAB_TAPER = 4  # slices of cosine taper at each edge of a slab
-
-
-@functools.lru_cache(maxsize=1)
-def load_template() -> np.ndarray:
-    """MNI152 T1 template as axial slices (z, AP, LR) float32 in [0, 1], anterior at row 0 (read-only)."""
-    from nilearn.datasets import load_mni152_template
-
-    vol = np.asarray(load_mni152_template(resolution=1).get_fdata(), dtype=np.float32)  # (x, y, z)
-    vol = np.transpose(vol, (2, 1, 0))[:, ::-1, :]  # (z, y, x) with y flipped: anterior first
-    vol = np.ascontiguousarray(vol / vol.max())
-    vol.flags.writeable = False  # cached: shared by every call
-    return vol
-
-
-@functools.lru_cache(maxsize=1)
-def load_tissue_maps() -> np.ndarray:
-    """GM, WM and CSF fractions (3, z, AP, LR) float32 on the template's grid and orientation (read-only).
-
-    GM and WM probabilities (nilearn, resolution=1) are multiplied by the binary brain mask; CSF is
-    ``mask - GM - WM`` clipped at 0, so the three add up to at most 1 inside the mask and are 0 outside.
-    """
-    from nilearn.datasets import load_mni152_brain_mask, load_mni152_gm_template, load_mni152_wm_template
-
-    def axial(img) -> np.ndarray:
-        vol = np.asarray(img.get_fdata(), dtype=np.float32)  # (x, y, z), as load_template
-        return np.transpose(vol, (2, 1, 0))[:, ::-1, :]
-
-    mask = (axial(load_mni152_brain_mask(resolution=1)) > 0.5).astype(np.float32)
-    gm = np.clip(axial(load_mni152_gm_template(resolution=1)), 0, 1) * mask
-    wm = np.clip(axial(load_mni152_wm_template(resolution=1)), 0, 1) * mask
-    total = gm + wm
-    over = total > 1  # rounding (sums of 1 + 3e-8 occur): keep gm + wm <= 1
-    gm[over], wm[over] = gm[over] / total[over], wm[over] / total[over]
-    csf = np.clip(mask - gm - wm, 0, None)
-    maps = np.ascontiguousarray(np.stack([gm, wm, csf]))
-    maps.flags.writeable = False
-    return maps
-
-
-def draw_intensities(rng: np.random.Generator, contrast: str) -> Dict[str, float]:
-    """One slice's tissue intensities, each uniform in its :data:`CONTRAST_RANGES` range."""
-    return {t: float(rng.uniform(*CONTRAST_RANGES[contrast][t])) for t in TISSUES}
-
-
-def synthesize(maps: np.ndarray, intensities: Dict[str, float]) -> np.ndarray:
-    """``sum_t i_t p_t`` over GM, WM, CSF: maps (3, ...) -> image (...) float32."""
-    return sum(np.float32(intensities[t]) * maps[i] for i, t in enumerate(TISSUES)).astype(np.float32)
-
-
-def oriented(vol: np.ndarray, orientation: str) -> np.ndarray:
-    """A (..., z, AP, LR) volume as (..., slice, rows, cols) for ``orientation`` (a view).
-
-    axial: (z, AP, LR), anterior up; coronal: (AP, z, LR), superior up; sagittal: (LR, z, AP), superior up,
-    anterior left.
-    """
-    if orientation == "axial":
-        return vol
-    flipped = vol[..., ::-1, :, :]  # superior first
-    if orientation == "coronal":
-        return np.swapaxes(flipped, -3, -2)
-    if orientation == "sagittal":
-        return np.moveaxis(flipped, -1, -3)
-    raise ValueError(f"orientation must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
-
-
-def heldout_slices(layout: Dict[str, List[List[int]]], depth: int, gap: int = HOLDOUT_GAP) -> np.ndarray:
-    """(depth,) bool: axial slices within ``gap`` - 1 of a validation slice (no synthesized voxel there)."""
-    held = np.zeros(depth, bool)
-    for zs in layout["val"]:
-        for z in zs:
-            held[max(0, z - gap + 1) : z + gap] = True
-    return held
-
-
-def slabs(held: np.ndarray, min_slab: int = MIN_SLAB) -> List[Tuple[int, int]]:
-    """Runs ``[z0, z1)`` of not-held-out axial slices at least ``min_slab`` long."""
-    runs, start = [], None
-    for z, h in enumerate(list(held) + [True]):
-        if not h and start is None:
-            start = z
-        elif h and start is not None:
-            if z - start >= min_slab:
-                runs.append((start, z))
-            start = None
-    return runs
-
-
-def slab_profile(depth: int, slab: Tuple[int, int], taper: int = SLAB_TAPER) -> np.ndarray:
-    """(depth,) weights: 1 inside ``slab``, a cosine ramp over ``taper`` slices at its edges, 0 outside."""
-    z0, z1 = slab
-    w = np.zeros(depth, np.float32)
-    w[z0:z1] = 1
-    for d in range(min(taper, (z1 - z0) // 2)):
-        ramp = 0.5 - 0.5 * np.cos(np.pi * (d + 0.5) / taper)
-        w[z0 + d] = w[z1 - 1 - d] = ramp
-    return w
-
-
-def synth_sections(
-    maps: np.ndarray,
-    orientation: str,
-    held: np.ndarray,
-    first: int,
-    last: int,
-    count: int,
-    rng: np.random.Generator,
-    holdout: str = "slab",
-) -> List[Tuple[int, Optional[Tuple[int, int]], np.ndarray]]:
-    """``count`` tissue-map sections (3, rows, cols) of one orientation that avoid the held-out slices.
-
-    Axial: distinct slices of [first, last] that are not held out. Coronal/sagittal with ``holdout``
-    "slab": one slab of :func:`slabs` (chosen with probability proportional to its thickness), weighted by
-    :func:`slab_profile`, then distinct positions where the slab holds at least BRAIN_AREA_FRACTION of its
-    largest brain area; with "none": whole slices at such positions (they cross the held-out slices).
-
-    Returns:
-        ``[(position, slab or None, sections (3, rows, cols) float32), ...]`` sorted by position.
-    """
-    if orientation == "axial":
-        allowed = [z for z in range(first, last + 1) if not held[z]]
-        if len(allowed) < count:
-            raise ValueError(f"only {len(allowed)} axial slices outside the validation volumes, need {count}")
-        picks = sorted(int(z) for z in rng.choice(allowed, size=count, replace=False))
-        return [(z, None, np.ascontiguousarray(maps[:, z])) for z in picks]
-    if holdout not in SYNTH_HOLDOUTS:
-        raise ValueError(f"synth_holdout must be one of {', '.join(SYNTH_HOLDOUTS)}, got {holdout!r}")
-    if holdout == "none":
-        slab, weight = None, np.ones(maps.shape[1], np.float32)
-    else:
-        runs = slabs(held)
-        if not runs:
-            raise ValueError(f"no slab of {MIN_SLAB} slices outside the validation volumes for {orientation}")
-        lengths = np.array([z1 - z0 for z0, z1 in runs], float)
-        slab = runs[int(rng.choice(len(runs), p=lengths / lengths.sum()))]
-        weight = slab_profile(maps.shape[1], slab)
-    rows_weight = weight[::-1, None]  # oriented() puts superior (high z) first
-    view = oriented(maps, orientation)  # (3, positions, rows, cols)
-    brain = (view.sum(axis=0) > 0.5) & (rows_weight > 0.5)
-    area = brain.sum(axis=(1, 2))
-    candidates = np.nonzero(area >= BRAIN_AREA_FRACTION * area.max())[0]
-    if len(candidates) < count:
-        raise ValueError(f"only {len(candidates)} {orientation} positions in slab {slab}, need {count}")
-    picks = sorted(int(p) for p in rng.choice(candidates, size=count, replace=False))
-    return [(p, slab, np.ascontiguousarray(view[:, p] * rows_weight)) for p in picks]
-
-
-def brain_slices(vol: np.ndarray) -> Tuple[int, int]:
-    """First and last axial slice whose tissue area is at least BRAIN_AREA_FRACTION of the largest."""
-    area = (vol > TISSUE_LEVEL).sum(axis=(1, 2))
-    keep = np.nonzero(area >= BRAIN_AREA_FRACTION * area.max())[0]
-    return int(keep[0]), int(keep[-1])
+from improved_diffusion.fastmri_data import scale_from_kspace, slice_to_image  # noqa: E402
+from improved_diffusion.io_util import atomic_write_text  # noqa: E402
+from improved_diffusion.script_util import HelpFormatter  # noqa: E402
 
 
 def volume_layout(
@@ -270,70 +99,6 @@ def volume_layout(
         start = int(np.floor(edges[b])) + (block - slices_per_volume) // 2
         layout["val" if b in val_blocks else "train"].append(list(range(start, start + slices_per_volume)))
     return layout
-
-
-def smooth_phase(rng: np.random.Generator, n: int) -> np.ndarray:
-    """(n, n) phase map: a random offset plus a random 2nd-order polynomial over the field of view."""
-    yy, xx = np.meshgrid(np.linspace(-1, 1, n), np.linspace(-1, 1, n), indexing="ij")
-    c = rng.standard_normal(5)
-    return (
-        rng.uniform(-np.pi, np.pi)
-        + c[0] * xx
-        + c[1] * yy
-        + 0.5 * (c[2] * xx**2 + c[3] * yy**2 + c[4] * xx * yy)
-    )
-
-
-def pad_to_fov(image: np.ndarray) -> np.ndarray:
-    """Centre a (rows, cols) 1 mm slice in a FOV x FOV grid."""
-    out = np.zeros((FOV, FOV), image.dtype)
-    r, c = image.shape
-    top, left = (FOV - r) // 2, (FOV - c) // 2
-    out[top : top + r, left : left + c] = image
-    return out
-
-
-def simulate_kspace(
-    image: np.ndarray,
-    size: int,
-    noise: float,
-    rng: np.random.Generator,
-    coil_maps: Optional[np.ndarray] = None,
-) -> np.ndarray:
-    """k-space of the central size x size block of F(S_c x) on the fine grid, plus complex noise.
-
-    Args:
-        image: (FOV, FOV) complex 1 mm image.
-        size: demo matrix size.
-        noise: standard deviation of the complex noise (E|n|^2 = noise^2) in image-intensity units.
-        coil_maps: (C, FOV, FOV) coil sensitivities, or None for single-coil.
-
-    Returns:
-        (size, size) or (C, size, size) complex64 k-space.
-    """
-    obj = image if coil_maps is None else coil_maps * image
-    k = fft2c(torch.from_numpy(obj.astype(np.complex64))).numpy()
-    lo = (FOV - size) // 2 + (FOV % 2 and size % 2 == 0)  # keep the centre FOV // 2 at size // 2
-    k = k[..., lo : lo + size, lo : lo + size] * (FOV / size)  # same image intensity on the coarse grid
-    k = k + noise / np.sqrt(2) * (rng.standard_normal(k.shape) + 1j * rng.standard_normal(k.shape))
-    return k.astype(np.complex64)
-
-
-def ismrmrd_header(size: int, fov_mm: float = FOV) -> str:
-    """Minimal ISMRMRD XML with the fields fastMRI's SliceDataset reads (matrix sizes, encoding limits)."""
-    matrix = f"<matrixSize><x>{size}</x><y>{size}</y><z>1</z></matrixSize>"
-    fov = f"<fieldOfView_mm><x>{fov_mm:g}</x><y>{fov_mm:g}</y><z>1</z></fieldOfView_mm>"
-    space = matrix + fov
-    limits = (
-        f"<kspace_encoding_step_1><minimum>0</minimum><maximum>{size - 1}</maximum>"
-        f"<center>{size // 2}</center>"
-    )
-    return (
-        '<?xml version="1.0" encoding="utf-8"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding>'
-        f"<encodedSpace>{space}</encodedSpace><reconSpace>{space}</reconSpace>"
-        f"<encodingLimits>{limits}</kspace_encoding_step_1></encodingLimits>"
-        "<trajectory>cartesian</trajectory></encoding></ismrmrdHeader>"
-    )
 
 
 def write_volume(
@@ -387,33 +152,30 @@ def write_slices(
         image = fine * np.exp(1j * smooth_phase(rng, FOV))
         kspace.append(simulate_kspace(image, size, noise, rng, coil_maps))
     kspace = np.stack(kspace)
-    coil_images = ifft2c(torch.from_numpy(kspace)).numpy()
-    if coil_maps is None:
-        target_key, target = "reconstruction_esc", np.abs(coil_images)
-    else:
-        target_key, target = "reconstruction_rss", np.sqrt((np.abs(coil_images) ** 2).sum(axis=1))
-    target = target.astype(np.float32)
+    target_key, target = target_from_kspace(kspace)
+    file_attrs = {
+        "acquisition": acquisition,
+        **target_attrs(target),
+        "patient_id": patient_id,
+        "source": source,
+    }
+    file_attrs.update(attrs or {})
+    file_attrs.update(noise_std=noise, fov_mm=FOV)
+
+    def add_maps(tmp: str) -> None:
+        prepare_fastmri.add_sens_maps(tmp, compression="gzip", **espirit_kwargs)
+
     # gzip with byte shuffling: noisy k-space barely compresses, the maps (zero outside the head) halve.
-    packed = dict(compression="gzip", shuffle=True)
-
-    def write(tmp: str) -> None:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("kspace", data=kspace, chunks=(1, *kspace.shape[1:]), **packed)
-            f.create_dataset(target_key, data=target, chunks=(1, *target.shape[1:]), **packed)
-            f["ismrmrd_header"] = ismrmrd_header(size)
-            f.attrs["acquisition"] = acquisition
-            f.attrs["max"] = float(target.max())
-            f.attrs["norm"] = float(np.linalg.norm(target))
-            f.attrs["patient_id"] = patient_id
-            f.attrs["source"] = source
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = value
-            f.attrs["noise_std"] = noise
-            f.attrs["fov_mm"] = FOV
-        if coil_maps is not None:
-            prepare_fastmri.add_sens_maps(tmp, compression="gzip", **espirit_kwargs)
-
-    atomic_write(path, write)
+    write_fastmri_file(
+        path,
+        kspace,
+        target_key,
+        target,
+        ismrmrd_header(size),
+        file_attrs,
+        packed=dict(compression="gzip", shuffle=True),
+        finish=add_maps if coil_maps is not None else None,
+    )
 
 
 def build(
@@ -440,8 +202,6 @@ def build(
     ``synth_volumes`` files of ``slices_per_volume`` slices per (orientation, contrast); see the module
     docstring. Without them the output is what it always was.
     """
-    import sigpy.mri
-
     if size > FOV or size < 8:
         raise ValueError(f"size must be in [8, {FOV}], got {size}")
     unknown = [k for k in kinds if k not in ("singlecoil", "multicoil")]
@@ -466,8 +226,7 @@ def build(
     first, last = brain_slices(vol)
     layout = volume_layout(first, last, train_volumes, val_volumes, slices_per_volume)
     espirit_kwargs = dict(prepare_fastmri.ESPIRIT_DEFAULTS, **(espirit_kwargs or {}))
-    # Birdcage coils on the 1 mm grid; r=1.5 puts the coil ring just outside the field of view.
-    maps = sigpy.mri.birdcage_maps((coils, FOV, FOV), r=1.5).astype(np.complex64)
+    maps = birdcage_maps(coils)  # on the 1 mm grid
     manifest = {
         "source": "nilearn MNI152 template, resolution=1",
         "brain_slices": [first, last],
@@ -635,11 +394,6 @@ def scale_statistics(output_dir: str) -> Dict[str, np.ndarray]:
                         image = slice_to_image(k, maps)
                         ratios.setdefault(group, []).append(float(image.abs().max()) / scale_from_kspace(k))
     return {kind: np.asarray(r) for kind, r in ratios.items()}
-
-
-def folder_size_mb(path: str) -> float:
-    total = sum(os.path.getsize(os.path.join(r, f)) for r, _, files in os.walk(path) for f in files)
-    return total / 2**20
 
 
 def create_argparser() -> argparse.ArgumentParser:

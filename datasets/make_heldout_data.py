@@ -16,10 +16,10 @@ dipy_t1_coronal       dipy/data/files/t1_coronal_slice.npy         T1-w, skull-s
 dipy_dwi_axial        dipy/data/files/test_piesno.nii.gz           b=0 and diffusion-weighted  axial
 ====================  ===========================================  ==========================  ===========
 
-Simulation (helpers imported from ``make_demo_data``): every magnitude slice is cropped or zero-padded to a
-square field of view around the head (1.2 x its extent, at least 128 source pixels, so the output pixel is
-never finer than the source's), resampled with a cubic spline onto the 240 x 240 fine grid of
-``make_demo_data`` (1.4-1.9x finer than the 128 x 128 output), multiplied by a smooth random phase
+Simulation (``kspace_simulation.py``, shared with ``make_demo_data.py``): every magnitude slice is cropped
+or zero-padded to a square field of view around the head (1.2 x its extent, at least 128 source pixels, so
+the output pixel is never finer than the source's), resampled with a cubic spline onto the 240 x 240 fine
+grid of the demo set (1.4-1.9x finer than the 128 x 128 output), multiplied by a smooth random phase
 (``smooth_phase``) and, for multi-coil, by birdcage coil maps (``sigpy.mri.birdcage_maps``);
 ``simulate_kspace`` keeps the central 128 x 128 block of its Fourier transform, so there is no inverse
 crime. Targets (``reconstruction_esc`` / ``reconstruction_rss``) come from the noiseless k-space. Complex
@@ -41,19 +41,23 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import h5py
 import numpy as np
-import torch
 
-try:
-    from make_demo_data import FOV, folder_size_mb, ismrmrd_header, simulate_kspace, smooth_phase
-except ImportError:  # imported from elsewhere than this folder
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from make_demo_data import FOV, folder_size_mb, ismrmrd_header, simulate_kspace, smooth_phase
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the modules beside this script
+from kspace_simulation import (  # noqa: E402
+    FOV,
+    birdcage_maps,
+    folder_size_mb,
+    ismrmrd_header,
+    simulate_kspace,
+    smooth_phase,
+    target_attrs,
+    target_from_kspace,
+    write_fastmri_file,
+)
 
-from improved_diffusion.io_util import atomic_write, atomic_write_text
-from improved_diffusion.mri.fftc import ifft2c
-from improved_diffusion.script_util import HelpFormatter
+from improved_diffusion.io_util import atomic_write_text  # noqa: E402
+from improved_diffusion.script_util import HelpFormatter  # noqa: E402
 
 SIZE = 128  # output matrix (the demo size)
 FOV_MARGIN = 1.2  # square field of view = 1.2 x the head's largest extent (at least SIZE source pixels)
@@ -230,13 +234,6 @@ def correlated_noise(rng: np.random.Generator, chol: np.ndarray, sigma: float, s
 # --------------------------------------------------------------------------------------- simulation
 
 
-def birdcage_maps(coils: int) -> np.ndarray:
-    """(coils, FOV, FOV) complex64 birdcage sensitivities on the fine grid (r=1.5 as the demo set)."""
-    import sigpy.mri
-
-    return sigpy.mri.birdcage_maps((coils, FOV, FOV), r=1.5).astype(np.complex64)
-
-
 def level_key(level: float) -> int:
     """Integer seed part of a noise level (seeds depend on the level's value, not on the flag order)."""
     return int(round(level * 1e6))
@@ -281,33 +278,21 @@ def noisy_copy(
     return noisy.astype(np.complex64), scan, attrs
 
 
-def target_from_kspace(clean: np.ndarray) -> Tuple[str, np.ndarray]:
-    """make_demo_data's targets, from noiseless k-space: |ifft2c| (single-coil) or RSS over coils."""
-    images = ifft2c(torch.from_numpy(clean)).numpy()
-    if clean.ndim == 3:
-        return "reconstruction_esc", np.abs(images).astype(np.float32)
-    return "reconstruction_rss", np.sqrt((np.abs(images) ** 2).sum(axis=1)).astype(np.float32)
-
-
 def write_file(
     path: str, kspace: np.ndarray, target_key: str, target: np.ndarray, scan: np.ndarray, attrs: Dict
 ):
-    """One fastMRI-format file, written atomically (:func:`improved_diffusion.io_util.atomic_write`)."""
-    # gzip level 1 with byte shuffling: noisy k-space shrinks ~14% at any level, level 1 is the fastest.
-    packed = dict(compression="gzip", compression_opts=1, shuffle=True)
-
-    def write(tmp: str) -> None:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("kspace", data=kspace, chunks=(1, *kspace.shape[1:]), **packed)
-            f.create_dataset(target_key, data=target, chunks=(1, *target.shape[1:]), **packed)
-            f.create_dataset("noise", data=scan)
-            f["ismrmrd_header"] = ismrmrd_header(SIZE, attrs["fov_mm"])
-            f.attrs["max"] = float(target.max())
-            f.attrs["norm"] = float(np.linalg.norm(target))
-            for key, value in attrs.items():
-                f.attrs[key] = value
-
-    atomic_write(path, write)
+    """One held-out file: k-space, target, the ``noise`` scan and ``attrs``, written atomically."""
+    write_fastmri_file(
+        path,
+        kspace,
+        target_key,
+        target,
+        ismrmrd_header(SIZE, attrs["fov_mm"]),
+        {**target_attrs(target), **attrs},
+        # gzip level 1 with byte shuffling: noisy k-space shrinks ~14% at any level, level 1 is the fastest.
+        packed=dict(compression="gzip", compression_opts=1, shuffle=True),
+        datasets={"noise": scan},
+    )
 
 
 def folder_name(coils: int, level: float) -> str:

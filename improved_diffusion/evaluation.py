@@ -1,7 +1,8 @@
 """fastMRI-style scoring of reconstructions against targets: the one place for NMSE / PSNR / SSIM rows.
 
 Used by the reconstruction outputs (``metrics/<stem>.csv`` per slice and volume, written as each volume is
-done), scripts/evaluate.py (whole folders against target files) and benchmarks/recon_benchmark.py.
+done), scripts/evaluate.py (whole folders against target files, :func:`evaluate_folder`) and
+benchmarks/recon_benchmark.py (one run's outputs with their uncertainty and cost, :func:`score_run`).
 Metrics per volume as fastMRI's evaluate.py (:func:`improved_diffusion.mri.metrics.volume_metrics`: data
 range = volume max, SSIM 7x7 averaged over slices); when shapes differ, both are center-cropped to the
 common size (fastMRI crops the target to the reconstruction).
@@ -19,6 +20,8 @@ from .recon_inputs import TARGET_KEYS
 METRICS = ("nmse", "psnr", "ssim")
 # per-volume rows of evaluate_folder (evaluate.py adds mean and std rows per folder)
 FOLDER_FIELDS = ("method", "predictions_dir", "file", "target", "nmse", "psnr", "ssim")
+# the per-folder summary rows evaluate.py adds after the volume rows (their ``file`` column)
+SUMMARY_ROWS = ("mean", "std")
 # per-slice and volume rows of the reconstruction outputs' metrics/<stem>.csv
 METRIC_FIELDS = ("file", "slice", "target", "nmse", "psnr", "ssim", "noise_residual_ratio", "start_step")
 
@@ -129,3 +132,90 @@ def summarize(rows: Sequence[Dict[str, Any]]) -> Dict[str, float]:
         values = np.array([r[m] for r in rows], dtype=np.float64)
         out[m], out[m + "_std"] = float(values.mean()), float(values.std())
     return out
+
+
+def std_error_correlation(std_map: np.ndarray, abs_error: np.ndarray) -> np.ndarray:
+    """Pearson correlation, per slice, between the posterior std map and the absolute error map.
+
+    Args:
+        std_map: ``(S, H, W)`` (or ``(H, W)``) pixel-wise standard deviation over the K samples.
+        abs_error: same shape, ``|mean reconstruction - target|``.
+
+    Returns:
+        ``(S,)`` float64 correlations over all pixels of each slice; NaN where either map is constant
+        (a correlation is undefined there, and we do not invent one).
+    """
+    s = np.asarray(std_map, dtype=np.float64)
+    e = np.asarray(abs_error, dtype=np.float64)
+    if s.shape != e.shape:
+        raise ValueError(f"std map {s.shape} and error map {e.shape} differ in shape")
+    if s.ndim == 2:
+        s, e = s[None], e[None]
+    if s.ndim != 3:
+        raise ValueError(f"expected (S, H, W) or (H, W) maps, got {s.shape}")
+    s = s.reshape(s.shape[0], -1)
+    e = e.reshape(e.shape[0], -1)
+    s = s - s.mean(axis=1, keepdims=True)
+    e = e - e.mean(axis=1, keepdims=True)
+    denom = np.sqrt((s * s).sum(axis=1) * (e * e).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (s * e).sum(axis=1) / denom
+    r[denom == 0] = np.nan
+    return r
+
+
+def score_run(predictions_dir: str, targets_dir: str, target_key: str) -> List[Dict[str, Any]]:
+    """Per-volume rows of one reconstruction run: metrics, uncertainty calibration and cost.
+
+    Unlike :func:`evaluate_folder` this goes by the targets: every ``*.h5`` of ``targets_dir`` must have
+    an output of the same name in ``predictions_dir``, of exactly the target's shape (a benchmark run
+    scores every input, at the input's size).
+
+    Args:
+        predictions_dir: the run's outputs (``reconstruction``, optional ``reconstruction_std`` and the
+            attrs ``num_samples``, ``nfe``, ``seconds_per_slice`` that scripts/ write).
+        targets_dir: the input files, holding ``target_key``.
+        target_key: ``reconstruction_esc`` or ``reconstruction_rss``.
+
+    Returns:
+        One dict per target file, sorted by name: ``file``, ``num_slices``, ``nmse``, ``psnr``, ``ssim``,
+        ``seconds_per_slice``, ``nfe``, ``num_samples`` and ``corr``, the per-slice
+        :func:`std_error_correlation` (empty without a std map from more than one sample).
+
+    Raises:
+        BadFileError: a missing output or target key, an unreadable file, mismatched shapes.
+    """
+    volumes = []
+    for src in list_h5_files(targets_dir, recursive=False):
+        name = os.path.basename(src)
+        out = os.path.join(predictions_dir, name)
+        if not os.path.isfile(out):
+            raise BadFileError(f"{out}: missing output of the run (the script did not write it)")
+        target, _, _ = read_volume(src, target_key, "target")
+        recon, _, attrs = read_volume(out, "reconstruction", "output")
+        if recon.shape != target.shape:
+            raise BadFileError(
+                f"{out}: reconstruction {recon.shape} does not match target {target.shape} in {src}"
+            )
+        m = volume_metrics(target, recon)
+        num_samples = int(attrs.get("num_samples", 0) or 0)
+        corr: List[float] = []
+        if num_samples > 1:
+            with open_h5(out) as f:
+                std = f["reconstruction_std"][()] if "reconstruction_std" in f else None
+            if std is not None:
+                corr = [float(r) for r in std_error_correlation(std, np.abs(recon - target))]
+        volumes.append(
+            {
+                "file": name,
+                "num_slices": int(target.shape[0]),
+                "nmse": float(m["nmse"]),
+                "psnr": float(m["psnr"]),
+                "ssim": float(m["ssim"]),
+                "seconds_per_slice": float(attrs.get("seconds_per_slice", float("nan"))),
+                "nfe": int(attrs.get("nfe", 0) or 0),
+                "num_samples": num_samples,
+                "corr": corr,
+            }
+        )
+    return volumes

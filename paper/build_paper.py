@@ -33,30 +33,31 @@ import re
 import sys
 from typing import List, Optional, Tuple
 
-import matplotlib
-from fpdf import FPDF
 from fpdf.enums import XPos, YPos
-from fpdf.fonts import FontFace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from paper_pdf import (  # noqa: E402
+    PaperPDF,
+    body_font,
+    render_missing_box,
+    render_table_csv,
+    render_table_recon,
+    render_table_train_speed,
+)
 from results_values import (  # noqa: E402
-    COIL_NAMES,
     CSV_TABLES,
-    DECIMALS,
     GENERATED_SOURCES,
     RESULT_FILES,
     MissingResultsError,
     Results,
     add_generated_text,
-    fmt_number,
     load_results,
 )
 
 from improved_diffusion.io_util import atomic_write  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FONT_DIR = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf")
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_.\-]+)\s*\}\}")
 MISSING_MARK = "[MISSING: {}]"
 
@@ -196,206 +197,6 @@ def parse_source(text: str) -> List[Tuple[str, object]]:
 # Rendering.
 
 
-class PaperPDF(FPDF):
-    """A4 article layout with a running header, page numbers and an optional DRAFT banner."""
-
-    def __init__(self, short_title: str, draft_note: Optional[str]) -> None:
-        super().__init__(orientation="P", unit="mm", format="A4")
-        self.short_title = short_title
-        self.draft_note = draft_note
-        self.set_margins(20, 20, 20)
-        self.set_auto_page_break(True, margin=18)
-        for family, stem in (("Serif", "DejaVuSerif"), ("Sans", "DejaVuSans")):
-            self.add_font(family, "", os.path.join(FONT_DIR, f"{stem}.ttf"))
-            self.add_font(family, "B", os.path.join(FONT_DIR, f"{stem}-Bold.ttf"))
-            italic = "Italic" if family == "Serif" else "Oblique"
-            self.add_font(family, "I", os.path.join(FONT_DIR, f"{stem}-{italic}.ttf"))
-            self.add_font(family, "BI", os.path.join(FONT_DIR, f"{stem}-Bold{italic}.ttf"))
-
-    def header(self) -> None:
-        if self.draft_note:
-            self.set_font("Sans", "B", 8)
-            self.set_text_color(200, 0, 0)
-            self.set_xy(self.l_margin, 4)
-            self.multi_cell(0, 4, self.draft_note, align="C", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-            self.set_text_color(0, 0, 0)
-        if self.page_no() > 1:
-            self.set_font("Sans", "I", 7.5)
-            self.set_text_color(110, 110, 110)
-            self.set_xy(self.l_margin, 13)
-            self.cell(0, 4, self.short_title, align="L")
-            self.set_text_color(0, 0, 0)
-        self.set_y(self.t_margin)
-
-    def footer(self) -> None:
-        self.set_y(-12)
-        self.set_font("Sans", "", 8)
-        self.set_text_color(110, 110, 110)
-        self.cell(0, 5, str(self.page_no()), align="C")
-        self.set_text_color(0, 0, 0)
-
-
-def _body(pdf: FPDF) -> None:
-    pdf.set_font("Serif", "", 10)
-
-
-def render_table_recon(pdf: FPDF, res: Results) -> None:
-    """The reconstruction table: one row per setting x method, mean ± std over volumes."""
-    headings = ["Coil", "R", "Method", "NMSE", "PSNR (dB)", "SSIM", "NFE×K", "s/slice", "r(σ, |err|)"]
-    widths = [15, 7, 33, 25, 21, 21, 12, 12, 24]
-    pdf.set_font("Sans", "", 6.5)
-    with pdf.table(
-        col_widths=widths,
-        text_align=("LEFT", "CENTER", "LEFT", "CENTER", "CENTER", "CENTER", "CENTER", "CENTER", "CENTER"),
-        headings_style=FontFace(emphasis="BOLD", fill_color=(230, 230, 230)),
-        line_height=4,
-        padding=0.8,
-        borders_layout="HORIZONTAL_LINES",
-        first_row_as_headings=True,
-    ) as table:
-        row = table.row()
-        for h in headings:
-            row.cell(h)
-        for r in res.recon_rows:
-            nfe = fmt_number(r["nfe"], 0) if r["nfe"] not in ("", "0") else "–"
-            k = fmt_number(r["num_samples"], 0) if r["num_samples"] not in ("", "0") else ""
-            corr = (
-                f"{fmt_number(r['std_err_corr_mean'], 2)} ± {fmt_number(r['std_err_corr_std'], 2)}"
-                if r["std_err_corr_mean"] not in ("", None)
-                else "–"
-            )
-            cells = [
-                COIL_NAMES.get(r["coil"], r["coil"]),
-                f"{fmt_number(r['acceleration'], 0)}×",
-                r["label"],
-                f"{fmt_number(r['nmse_mean'], 4)} ± {fmt_number(r['nmse_std'], 4)}",
-                f"{fmt_number(r['psnr_mean'], 2)} ± {fmt_number(r['psnr_std'], 2)}",
-                f"{fmt_number(r['ssim_mean'], 3)} ± {fmt_number(r['ssim_std'], 3)}",
-                f"{nfe}×{k}" if k else nfe,
-                fmt_number(r["sec_per_slice"], 2),
-                corr,
-            ]
-            row = table.row()
-            for c in cells:
-                row.cell(c)
-    _body(pdf)
-
-
-# train_speed.csv column -> (heading, relative width); unknown columns get their name and width 14
-SPEED_HEADINGS = {
-    "name": ("Configuration", 24),
-    "device": ("Device", 24),
-    "precision": ("Precision", 15),
-    "threads": ("Threads", 13),
-    "image_size": ("Image", 11),
-    "num_channels": ("Channels", 15),
-    "batch_size": ("Batch", 11),
-    "params_m": ("Params (M)", 17),
-    "sec_per_step": ("s/step", 13),
-    "samples_per_sec": ("Samples/s", 16),
-    "upstream_sec_per_step": ("Upstream s/step", 22),
-    "speedup": ("Speed-up", 15),
-}
-
-
-def _table(pdf: FPDF, widths: List[int], headings: List[str], cells: List[List[str]], align: str) -> None:
-    """One table in the paper's style: bold grey heading row, horizontal rules, then the cell rows."""
-    with pdf.table(
-        col_widths=widths,
-        headings_style=FontFace(emphasis="BOLD", fill_color=(230, 230, 230)),
-        line_height=4,
-        padding=0.8,
-        borders_layout="HORIZONTAL_LINES",
-        text_align=align,
-    ) as table:
-        row = table.row()
-        for h in headings:
-            row.cell(h)
-        for line in cells:
-            row = table.row()
-            for c in line:
-                row.cell(c)
-
-
-def render_table_train_speed(pdf: FPDF, res: Results) -> None:
-    """The training-speed table: the non-empty columns of results/train_speed.csv."""
-    rows = res.train_speed_rows
-    columns = [c for c in (rows[0].keys() if rows else []) if any(r.get(c, "") != "" for r in rows)]
-    headings = [SPEED_HEADINGS.get(c, (c, 14))[0] for c in columns]
-    widths = [SPEED_HEADINGS.get(c, (c, 14))[1] for c in columns]
-    cells = [
-        [res.values.get(f"speed.{r['name']}.{c}", r[c]) if c != "name" else r[c] for c in columns]
-        for r in rows
-    ]
-    pdf.set_font("Sans", "", 7)
-    _table(pdf, widths, headings, cells, "CENTER")
-    _body(pdf)
-
-
-# csv column -> heading of ``::: table csv`` (other columns: their name)
-CSV_HEADINGS = {
-    "acceleration": "R",
-    "lambda": "λ",
-    "psnr": "PSNR (dB)",
-    "ssim": "SSIM",
-    "nmse": "NMSE",
-    "noise_residual_ratio": "residual / noise",
-    "seconds": "s",
-}
-
-
-def csv_cell(column: str, value: str) -> str:
-    """A CSV value for a table: numbers by fmt_number (DECIMALS by column, else integers as integers and
-    2 decimals), values written with an exponent (a λ of 1e-3) and text as they are."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return value if value not in ("", None) else "–"
-    if "e" in value.lower() and "inf" not in value.lower() and "nan" not in value.lower():
-        return value
-    decimals = next((d for prefix, d in DECIMALS.items() if column.startswith(prefix)), None)
-    if decimals is None:
-        decimals = 0 if x.is_integer() else 2
-    cell = fmt_number(x, decimals)
-    return f"{cell}×" if column == "acceleration" else cell
-
-
-def csv_table_cells(rows: List[dict], columns: List[str]) -> Tuple[List[str], List[List[str]]]:
-    """Headings and cells of a ``::: table csv``: ``X`` and ``X_std`` become one ``mean ± std`` column."""
-    shown = [c for c in columns if not (c.endswith("_std") and c[: -len("_std")] in columns)]
-    headings = [CSV_HEADINGS.get(c, c) for c in shown]
-    cells = []
-    for r in rows:
-        line = []
-        for c in shown:
-            cell = csv_cell(c, r.get(c, ""))
-            if f"{c}_std" in columns and r.get(f"{c}_std", "") not in ("", None):
-                cell += f" ± {csv_cell(c, r[c + '_std'])}"
-            line.append(cell)
-        cells.append(line)
-    return headings, cells
-
-
-def render_table_csv(pdf: FPDF, rows: List[dict], columns: List[str]) -> None:
-    """A small CSV as a table, column widths by the longest entry."""
-    headings, cells = csv_table_cells(rows, columns)
-    widths = [max([len(h)] + [len(line[j]) for line in cells]) + 2 for j, h in enumerate(headings)]
-    pdf.set_font("Sans", "", 6.5 if sum(widths) > 110 else 7)
-    _table(pdf, widths, headings, cells, "LEFT")
-    _body(pdf)
-
-
-def render_missing_box(pdf: FPDF, what: str, optional: bool = False) -> None:
-    pdf.set_font("Sans", "B", 9)
-    pdf.set_text_color(200, 0, 0)
-    pdf.set_draw_color(200, 0, 0)
-    note = " (optional; this build was made without it)" if optional else ""
-    pdf.multi_cell(0, 12, f"PLACEHOLDER: {what} is missing{note}", border=1, align="C")
-    pdf.set_text_color(0, 0, 0)
-    pdf.set_draw_color(0, 0, 0)
-    _body(pdf)
-
-
 def render(blocks: List[Tuple[str, object]], res: Results, out_path: str, allow_missing: bool) -> List[str]:
     """Render the parsed blocks into ``out_path`` (written atomically). Returns the placeholder keys used."""
     used_missing: List[str] = []
@@ -408,7 +209,7 @@ def render(blocks: List[Tuple[str, object]], res: Results, out_path: str, allow_
     pdf.set_title(title)
     pdf.set_creator("paper/build_paper.py (fpdf2)")
     pdf.add_page()
-    _body(pdf)
+    body_font(pdf)
     text_width = pdf.w - pdf.l_margin - pdf.r_margin
     fig_no = 0
     tab_no = 0
@@ -425,7 +226,7 @@ def render(blocks: List[Tuple[str, object]], res: Results, out_path: str, allow_
             0, 4, f"**Table {number}.** " + caption, markdown=True, new_x=XPos.LMARGIN, new_y=YPos.NEXT
         )
         pdf.ln(1)
-        _body(pdf)
+        body_font(pdf)
 
     def render_bullets(items: List[str]) -> None:
         for item in items:
@@ -443,7 +244,7 @@ def render(blocks: List[Tuple[str, object]], res: Results, out_path: str, allow_
             pdf.multi_cell(0, 7.5, text(str(payload)), align="C", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
             pdf.ln(2)
             after_title = True
-            _body(pdf)
+            body_font(pdf)
         elif kind == "h2":
             in_abstract = str(payload).strip().lower() == "abstract"
             pdf.ln(2.5)
@@ -453,19 +254,19 @@ def render(blocks: List[Tuple[str, object]], res: Results, out_path: str, allow_
             align = "C" if in_abstract else "L"
             pdf.multi_cell(0, 6, text(str(payload)), align=align, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
             pdf.ln(0.8)
-            _body(pdf)
+            body_font(pdf)
         elif kind == "h3":
             pdf.ln(1.2)
             if pdf.will_page_break(16):
                 pdf.add_page()
             pdf.set_font("Sans", "B", 10)
             pdf.multi_cell(0, 5, text(str(payload)), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-            _body(pdf)
+            body_font(pdf)
         elif kind == "para":
             if after_title:  # the byline under the title
                 pdf.set_font("Sans", "", 9)
                 pdf.multi_cell(0, 4.6, text(str(payload)), align="C", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-                _body(pdf)
+                body_font(pdf)
                 after_title = False
             elif in_abstract:
                 pdf.set_font("Serif", "", 9.5)
@@ -478,7 +279,7 @@ def render(blocks: List[Tuple[str, object]], res: Results, out_path: str, allow_
                     new_x=XPos.LMARGIN,
                     new_y=YPos.NEXT,
                 )
-                _body(pdf)
+                body_font(pdf)
             else:
                 pdf.multi_cell(0, 4.8, text(str(payload)), markdown=True, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
             pdf.ln(1.8)
@@ -572,7 +373,7 @@ def render(blocks: List[Tuple[str, object]], res: Results, out_path: str, allow_
                 new_y=YPos.NEXT,
             )
             pdf.ln(2.5)
-            _body(pdf)
+            body_font(pdf)
         else:  # pragma: no cover - parse_source only emits the kinds above
             raise PaperError(f"unknown block kind {kind}")
 

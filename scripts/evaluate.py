@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from improved_diffusion.evaluation import FOLDER_FIELDS, METRICS, evaluate_folder, summarize
+from improved_diffusion.evaluation import FOLDER_FIELDS, METRICS, SUMMARY_ROWS, evaluate_folder, summarize
 from improved_diffusion.io_util import BadFileError
 from improved_diffusion.recon_outputs import write_csv
 from improved_diffusion.recon_runner import report_error
@@ -63,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"{s['psnr']:6.2f} ± {s['psnr_std']:5.2f}  {s['ssim']:.4f} ± {s['ssim_std']:.4f}  {targets}"
         )
         csv_rows.extend(rows)
-        for stat in ("mean", "std"):
+        for stat in SUMMARY_ROWS:
             suffix = "" if stat == "mean" else "_std"
             row = {"method": label, "predictions_dir": folder, "file": stat, "target": targets}
             row.update({m: s[m + suffix] for m in METRICS})

@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, "paper"))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import build_paper  # noqa: E402
+import paper_pdf  # noqa: E402
 import recon_report  # noqa: E402
 import record_train_speed  # noqa: E402
 import results_values  # noqa: E402
@@ -202,7 +203,7 @@ def test_csv_table_cells():
         },
         {"method": "b", "acceleration": "8", "lambda": "", "psnr": "", "psnr_std": "", "volumes": "5"},
     ]
-    headings, cells = build_paper.csv_table_cells(rows, list(rows[0]))
+    headings, cells = paper_pdf.csv_table_cells(rows, list(rows[0]))
     assert headings == ["method", "R", "λ", "PSNR (dB)", "volumes"]
     assert cells[0] == ["a", "4×", "1e-3", "30.12 ± 1.50", "5"]
     assert cells[1] == ["b", "8×", "–", "–", "5"]

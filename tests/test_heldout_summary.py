@@ -13,6 +13,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import heldout_summary  # noqa: E402
 import recon_report  # noqa: E402
 
+from improved_diffusion.evaluation import FOLDER_FIELDS  # noqa: E402
+
 
 def _recon_csv(folder, rows, command=""):
     os.makedirs(folder, exist_ok=True)
@@ -47,7 +49,7 @@ def _evaluate_csv(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(heldout_summary.EVALUATE_COLUMNS)
+        w.writerow(FOLDER_FIELDS)
         w.writerows(rows)
 
 

@@ -15,6 +15,8 @@ spec = importlib.util.spec_from_file_location("make_demo_data", SCRIPT)
 demo = importlib.util.module_from_spec(spec)
 sys.modules["make_demo_data"] = demo
 spec.loader.exec_module(demo)
+import mni152  # noqa: E402  (beside the script, on sys.path since it ran)
+import synth_contrasts as sc  # noqa: E402
 
 TINY = dict(size=32, slices_per_volume=2, train_volumes=2, val_volumes=1, coils=4)
 FAST_ESPIRIT = dict(max_calib=24)
@@ -28,8 +30,8 @@ def tiny(tmp_path_factory):
 
 
 def test_layout_keeps_validation_apart():
-    vol = demo.load_template()
-    first, last = demo.brain_slices(vol)
+    vol = mni152.load_template()
+    first, last = mni152.brain_slices(vol)
     assert vol.shape == (189, 233, 197) and 15 < first < last < 160
     layout = demo.volume_layout(first, last, 6, 2, 10)
     assert len(layout["train"]) == 6 and len(layout["val"]) == 2
@@ -102,14 +104,14 @@ def test_cli_tiny_singlecoil(tmp_path, capsys):
 
 
 def test_synthesized_contrasts_lie_in_their_documented_ranges():
-    maps = demo.load_tissue_maps()
+    maps = mni152.load_tissue_maps()
     assert maps.shape == (3, 189, 233, 197) and maps.min() >= 0 and maps.sum(axis=0).max() <= 1 + 1e-6
     gm, wm, csf = (maps[i] > 0.95 for i in range(3))
     rng = np.random.default_rng(0)
-    for contrast, ranges in demo.CONTRAST_RANGES.items():
+    for contrast, ranges in sc.CONTRAST_RANGES.items():
         for _ in range(3):
-            levels = demo.draw_intensities(rng, contrast)
-            image = demo.synthesize(maps[:, 80:100], levels)
+            levels = sc.draw_intensities(rng, contrast)
+            image = sc.synthesize(maps[:, 80:100], levels)
             assert 0 <= image.min() and image.max() <= 1
             for tissue, pure in (("gm", gm), ("wm", wm), ("csf", csf)):
                 lo, hi = ranges[tissue]
@@ -119,34 +121,34 @@ def test_synthesized_contrasts_lie_in_their_documented_ranges():
                     contrast,
                     tissue,
                 )
-    order = {c: sorted(demo.TISSUES, key=lambda t: -r[t][0]) for c, r in demo.CONTRAST_RANGES.items()}
+    order = {c: sorted(sc.TISSUES, key=lambda t: -r[t][0]) for c, r in sc.CONTRAST_RANGES.items()}
     assert order == {
         "t1": ["wm", "gm", "csf"],
         "t2": ["csf", "gm", "wm"],
         "pd": ["csf", "gm", "wm"],
         "flair": ["gm", "wm", "csf"],
     }
-    for r in demo.CONTRAST_RANGES.values():  # the ranges do not overlap, so the order always holds
+    for r in sc.CONTRAST_RANGES.values():  # the ranges do not overlap, so the order always holds
         lows = sorted(r.values())
         assert lows[0][1] < lows[1][0] and lows[1][1] < lows[2][0]
 
 
 def test_sections_avoid_the_validation_slices():
-    maps = demo.load_tissue_maps()
-    first, last = demo.brain_slices(demo.load_template())
+    maps = mni152.load_tissue_maps()
+    first, last = mni152.brain_slices(mni152.load_template())
     layout = demo.volume_layout(first, last, 6, 2, 10)
-    held = demo.heldout_slices(layout, maps.shape[1])
+    held = sc.heldout_slices(layout, maps.shape[1])
     val = [z for zs in layout["val"] for z in zs]
     assert all(held[z] for z in val) and not any(held[z] for zs in layout["train"] for z in zs)
     rng = np.random.default_rng(1)
-    axial = demo.synth_sections(maps, "axial", held, first, last, 5, rng)
-    assert all(min(abs(z - v) for v in val) >= demo.HOLDOUT_GAP for z, _, _ in axial)
+    axial = sc.synth_sections(maps, "axial", held, first, last, 5, rng)
+    assert all(min(abs(z - v) for v in val) >= sc.HOLDOUT_GAP for z, _, _ in axial)
     for orientation in ("coronal", "sagittal"):
-        for _pos, slab, sec in demo.synth_sections(maps, orientation, held, first, last, 3, rng):
-            assert sec.shape[1] == 189 and slab in [tuple(s) for s in demo.slabs(held)]
+        for _pos, slab, sec in sc.synth_sections(maps, orientation, held, first, last, 3, rng):
+            assert sec.shape[1] == 189 and slab in [tuple(s) for s in sc.slabs(held)]
             rows = sec.sum(axis=(0, 2))[::-1]  # per axial slice z (rows run superior first)
             assert rows[held].max() == 0 and rows.max() > 0
-            whole = demo.synth_sections(maps, orientation, held, first, last, 1, rng, holdout="none")[0]
+            whole = sc.synth_sections(maps, orientation, held, first, last, 1, rng, holdout="none")[0]
             assert whole[1] is None and whole[2].sum(axis=(0, 2))[::-1][held].max() > 0
 
 
@@ -168,8 +170,8 @@ def test_tiny_build_with_contrasts(tmp_path):
                 f.attrs["acquisition"] == {"axial": "AX", "sagittal": "SAG"}[orientation] + contrast.upper()
             )
             levels = f.attrs["intensities"]
-            for j, tissue in enumerate(demo.TISSUES):
-                lo, hi = demo.CONTRAST_RANGES[contrast][tissue]
+            for j, tissue in enumerate(sc.TISSUES):
+                lo, hi = sc.CONTRAST_RANGES[contrast][tissue]
                 assert np.all((lo <= levels[:, j]) & (levels[:, j] <= hi))
         entry = synth["files"][f"singlecoil_synth_train/{name}"]
         if orientation == "axial":

@@ -16,7 +16,8 @@ spec = importlib.util.spec_from_file_location("make_heldout_data", SCRIPT)
 heldout = importlib.util.module_from_spec(spec)
 sys.modules["make_heldout_data"] = heldout
 spec.loader.exec_module(heldout)
-demo = sys.modules["make_demo_data"]  # imported by the builder
+import kspace_simulation as sim  # noqa: E402  (beside the script, on sys.path since it ran)
+import mni152  # noqa: E402
 
 ARGS = ["--max_slices", "2", "--sigmas", "0.001,0.005", "--coils", "8,15", "--singlecoil_sigmas", "0.002"]
 FOLDERS = {  # folder -> coils (0 = single-coil)
@@ -42,7 +43,7 @@ def builds(tmp_path_factory):
     out = [tmp_path_factory.mktemp(f"heldout{i}") for i in range(3)]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(nilearn.datasets, "load_mni152_template", _no_mni)
-        mp.setattr(demo, "load_template", _no_mni)
+        mp.setattr(mni152, "load_template", _no_mni)
         assert heldout.main(ARGS + ["--output_dir", str(out[0]), "--no_progress"]) == 0
     # seeds are per volume and slice: a build of the first two volumes repeats those files exactly
     assert heldout.main(ARGS + ["--output_dir", str(out[1]), "--no_progress", "--max_volumes", "2"]) == 0
@@ -148,11 +149,11 @@ def test_no_mni_template_image(builds):
     """
     from scipy.ndimage import zoom
 
-    vol = demo.load_template()  # (z, AP, LR), 1 mm, max 1
+    vol = mni152.load_template()  # (z, AP, LR), 1 mm, max 1
     sections = [vol[z] for z in range(1, vol.shape[0], 3)]
     sections += [vol[:, y, :][::-1] for y in range(1, vol.shape[1], 3)]  # coronal
     sections += [vol[:, :, x][::-1] for x in range(1, vol.shape[2], 3)]  # sagittal
-    bank = np.stack([zoom(demo.pad_to_fov(s), 128 / demo.FOV, order=1) for s in sections])
+    bank = np.stack([zoom(sim.pad_to_fov(s), 128 / sim.FOV, order=1) for s in sections])
     bank = bank[(bank > 0.2).mean(axis=(1, 2)) > 0.05]  # sections with tissue
     bank_fft = _bank_fft(bank)
     targets = []  # the targets differ between folders only by coil count (same images, same phases)
@@ -170,10 +171,10 @@ def test_no_mni_template_image(builds):
     # (its phase, spline resampling, k-space crop) on the demo's field of view, scores high
     z = 62
     r, c = vol.shape[1:]
-    box = (-((demo.FOV - r) // 2), -((demo.FOV - c) // 2), demo.FOV)
+    box = (-((sim.FOV - r) // 2), -((sim.FOV - c) // 2), sim.FOV)
     fine = heldout.to_fine_grid(vol[z], box)[None]
     clean = heldout.noiseless_kspace(fine, [z], seed=0, v=0, coil_maps=None)
-    _, mni_target = heldout.target_from_kspace(clean)
+    _, mni_target = sim.target_from_kspace(clean)
     teeth = _max_circular_ncc(mni_target, bank_fft)[0]
     print(f"MNI section {z} through the held-out simulation: {teeth:.3f}")
     assert teeth > 0.7
@@ -235,9 +236,9 @@ def test_target_is_the_noiseless_image(builds):
     from scipy.ndimage import zoom
 
     def coarse(x):
-        return zoom(x, 128 / heldout.FOV, order=1)
+        return zoom(x, 128 / sim.FOV, order=1)
 
-    gain = coarse(np.sqrt((np.abs(heldout.birdcage_maps(8)) ** 2).sum(axis=0)))
+    gain = coarse(np.sqrt((np.abs(sim.birdcage_maps(8)) ** 2).sum(axis=0)))
     for vol in heldout.VOLUMES:
         stack, source_idx = vol.load()
         stack = np.clip(stack, 0, None) / stack.max()

@@ -21,6 +21,10 @@ sys.path.insert(0, os.path.join(ROOT, "paper"))
 import recon_benchmark as rb  # noqa: E402
 import recon_report  # noqa: E402
 import record_train_speed  # noqa: E402, F401
+from bench_inputs import prepare_inputs  # noqa: E402
+from training_info import training_info  # noqa: E402
+
+from improved_diffusion.evaluation import std_error_correlation  # noqa: E402
 
 FAKE_SCRIPT = textwrap.dedent(
     """
@@ -88,13 +92,13 @@ def calls(tmp_path):
 def test_std_error_correlation():
     rng = np.random.default_rng(0)
     err = rng.random((3, 8, 8))
-    r = recon_report.std_error_correlation(2 * err + 1, err)
+    r = std_error_correlation(2 * err + 1, err)
     np.testing.assert_allclose(r, 1.0)
-    r = recon_report.std_error_correlation(-err, err)
+    r = std_error_correlation(-err, err)
     np.testing.assert_allclose(r, -1.0)
-    assert np.isnan(recon_report.std_error_correlation(np.ones((8, 8)), err[0]))[0]
+    assert np.isnan(std_error_correlation(np.ones((8, 8)), err[0]))[0]
     with pytest.raises(ValueError, match="shape"):
-        recon_report.std_error_correlation(err, err[0])
+        std_error_correlation(err, err[0])
 
 
 def test_summarize_mean_std_over_volumes():
@@ -122,12 +126,12 @@ def test_summarize_mean_std_over_volumes():
 
 def test_subset_keeps_central_slices_and_name(tmp_path):
     make_volume(tmp_path / "a.h5", slices=7)
-    out = rb.prepare_inputs(str(tmp_path), str(tmp_path / "work"), "singlecoil", max_files=1, max_slices=3)
+    out = prepare_inputs(str(tmp_path), str(tmp_path / "work"), "singlecoil", max_files=1, max_slices=3)
     with h5py.File(os.path.join(out, "a.h5"), "r") as f, h5py.File(tmp_path / "a.h5", "r") as g:
         np.testing.assert_array_equal(f["kspace"][()], g["kspace"][2:5])
         np.testing.assert_array_equal(f["reconstruction_esc"][()], g["reconstruction_esc"][2:5])
         assert f.attrs["acquisition"] == "fake"
-    assert rb.prepare_inputs(str(tmp_path), str(tmp_path / "w"), "singlecoil", 0, 0) == str(tmp_path)
+    assert prepare_inputs(str(tmp_path), str(tmp_path / "w"), "singlecoil", 0, 0) == str(tmp_path)
 
 
 def fake_checkpoint(folder):
@@ -213,10 +217,10 @@ def test_stored_maps_are_dropped_by_default(tmp_path):
     make_volume(tmp_path / "m.h5", coils=2)
     with h5py.File(tmp_path / "m.h5", "a") as f:
         f["sens_maps"] = np.ones((4, 2, 16, 16), np.complex64)
-    out = rb.prepare_inputs(str(tmp_path), str(tmp_path / "w"), "multicoil", 0, 0)
+    out = prepare_inputs(str(tmp_path), str(tmp_path / "w"), "multicoil", 0, 0)
     with h5py.File(os.path.join(out, "m.h5"), "r") as f:
         assert "sens_maps" not in f and f["kspace"].shape == (4, 2, 16, 16)
-    assert rb.prepare_inputs(str(tmp_path), str(tmp_path / "w"), "multicoil", 0, 0, drop_maps=False) == str(
+    assert prepare_inputs(str(tmp_path), str(tmp_path / "w"), "multicoil", 0, 0, drop_maps=False) == str(
         tmp_path
     )
 
@@ -232,7 +236,7 @@ def test_training_info_from_checkpoint(tmp_path):
     torch.save({"w": torch.zeros(10, 3), "b": torch.zeros(5)}, log / "ema_0.999_000120.pt")
     with open(log / "progress.csv", "w") as f:
         f.write("step,loss,time_elapsed\n60,1.0,30\n120,0.5,72\n")
-    info = rb.training_info(str(log / "ema_0.999_000120.pt"))
+    info = training_info(str(log / "ema_0.999_000120.pt"))
     assert info["model"]["params"] == 35 and info["training"]["steps"] == 120
     assert info["training"]["wall_hours"] == pytest.approx(0.02)
     assert "progress.csv" in info["training"]["wall_time_source"]
