@@ -25,7 +25,7 @@ Augmentations (names of ``--augment``), applied in this order:
             units of the image (the normalized image / scale during training)
 ``gain``    intensity times a factor log-uniform in [1 / (1 + gain), 1 + gain]: reconstruction estimates the
             intensity scale from the sampled k-space centre only, so the normalized peak it gives the network
-            varies from slice to slice (fastmri_data.scale_from_kspace); training with a gain teaches the
+            varies from slice to slice (transforms.scale_from_kspace); training with a gain teaches the
             prior that range
 ========== ============================================================================================
 

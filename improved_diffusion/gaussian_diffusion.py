@@ -4,14 +4,14 @@ Follows Ho et al. 2020 (DDPM) and Nichol & Dhariwal 2021 (improved DDPM: cosine 
 variances, hybrid loss) with the API of OpenAI's improved-diffusion. Schedule arrays are numpy float64;
 per-timestep values are gathered into torch tensors on the device of the timesteps.
 
-Additions for MRI reconstruction (see docs/engine.md): every sampling loop takes
-``start_t`` (start the reverse chain at an intermediate step from a given ``noise`` = x_{start_t}) and
-``step_fn`` (called as ``x = step_fn(x_prev, t)`` after each reverse step, e.g. for data consistency).
+The single reverse steps (``p_sample``, ``ddim_sample``) are here; the loops that drive them, with the
+MRI additions ``start_t`` and ``step_fn`` (docs/engine.md), are :mod:`improved_diffusion.sampling`, mixed
+into :class:`GaussianDiffusion`.
 """
 
 import enum
 import math
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,10 +19,7 @@ from tqdm.auto import tqdm
 
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
-
-Model = Callable[..., torch.Tensor]
-StepFn = Callable[[torch.Tensor, int], torch.Tensor]
-DenoisedFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x0, t) -> x0
+from .sampling import DenoisedFn, Model, SamplingLoops
 
 
 def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) -> np.ndarray:
@@ -105,18 +102,7 @@ def _extract_into_tensor(
     return res.expand(*broadcast_shape)
 
 
-def _model_device(model: Model, noise: Optional[torch.Tensor]) -> torch.device:
-    """The device of the model's parameters; else the noise's device; else CPU."""
-    if isinstance(model, torch.nn.Module):
-        param = next(model.parameters(), None)
-        if param is not None:
-            return param.device
-    if noise is not None:
-        return noise.device
-    return torch.device("cpu")
-
-
-class GaussianDiffusion:
+class GaussianDiffusion(SamplingLoops):
     """Utilities for training and sampling diffusion models.
 
     Args:
@@ -339,7 +325,7 @@ class GaussianDiffusion:
             return t.float() * (1000.0 / self.num_timesteps)
         return t
 
-    # ------------------------------------------------------------------ ancestral sampling
+    # ------------------------------------------------------------------ ancestral step (loops: sampling.py)
 
     def p_sample(
         self,
@@ -359,120 +345,7 @@ class GaussianDiffusion:
         sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def p_sample_loop(
-        self,
-        model: Model,
-        shape: Sequence[int],
-        noise: Optional[torch.Tensor] = None,
-        clip_denoised: bool = True,
-        denoised_fn: Optional[DenoisedFn] = None,
-        model_kwargs: Optional[Dict[str, Any]] = None,
-        device: Optional[Union[str, torch.device]] = None,
-        progress: bool = False,
-        start_t: Optional[int] = None,
-        step_fn: Optional[StepFn] = None,
-    ) -> torch.Tensor:
-        """Generate samples with ancestral sampling; returns the final x_0 estimate, shape ``shape``.
-
-        Args:
-            model: the denoiser.
-            shape: (B, C, H, W) output shape.
-            noise: optional x at step ``start_t`` (default: standard normal noise at the last step).
-            clip_denoised: clip the predicted x_0 to [-1, 1].
-            denoised_fn: applied to the predicted x_0 before clipping, at every step.
-            model_kwargs: extra keyword arguments for the model.
-            device: where to sample; default the model parameters' device.
-            progress: show a tqdm progress bar.
-            start_t: step index (0 <= start_t < num_timesteps) to start from; default num_timesteps - 1.
-            step_fn: called as ``x = step_fn(x_prev, t)`` after the reverse step at index t.
-        """
-        final = None
-        for out in self.p_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            start_t=start_t,
-            step_fn=step_fn,
-        ):
-            final = out
-        return final["sample"]
-
-    def p_sample_loop_progressive(
-        self,
-        model: Model,
-        shape: Sequence[int],
-        noise: Optional[torch.Tensor] = None,
-        clip_denoised: bool = True,
-        denoised_fn: Optional[DenoisedFn] = None,
-        model_kwargs: Optional[Dict[str, Any]] = None,
-        device: Optional[Union[str, torch.device]] = None,
-        progress: bool = False,
-        start_t: Optional[int] = None,
-        step_fn: Optional[StepFn] = None,
-    ) -> Iterator[Dict[str, torch.Tensor]]:
-        """Like :meth:`p_sample_loop`, but yield {"sample", "pred_xstart"} after every step.
-
-        "sample" is the output of ``step_fn`` when one is given.
-        """
-        yield from self._reverse_loop(
-            lambda x, t: self.p_sample(
-                model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
-            ),
-            model,
-            shape,
-            noise,
-            device,
-            progress,
-            start_t,
-            step_fn,
-        )
-
-    def _reverse_loop(
-        self,
-        one_step: Callable[[torch.Tensor, torch.Tensor], Dict[str, torch.Tensor]],
-        model: Model,
-        shape: Sequence[int],
-        noise: Optional[torch.Tensor],
-        device: Optional[Union[str, torch.device]],
-        progress: bool,
-        start_t: Optional[int],
-        step_fn: Optional[StepFn],
-    ) -> Iterator[Dict[str, torch.Tensor]]:
-        """Shared driver of the ancestral and DDIM loops: steps start_t, ..., 0 with the step_fn hook."""
-        shape = tuple(int(s) for s in shape)
-        if noise is not None and tuple(noise.shape) != shape:
-            raise ValueError(f"sampling loop: noise shape {tuple(noise.shape)} != shape {shape}")
-        if start_t is None:
-            start_t = self.num_timesteps - 1
-        if isinstance(start_t, bool) or int(start_t) != start_t or not 0 <= start_t < self.num_timesteps:
-            raise ValueError(
-                f"sampling loop: start_t must be an integer in [0, {self.num_timesteps - 1}] "
-                f"(this diffusion's possibly respaced step indices), got {start_t!r}"
-            )
-        start_t = int(start_t)
-        device = torch.device(device) if device is not None else _model_device(model, noise)
-        img = noise.to(device) if noise is not None else torch.randn(*shape, device=device)
-
-        indices = list(range(start_t, -1, -1))
-        if progress:
-            indices = tqdm(indices, desc="sampling")
-        for i in indices:
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            with torch.no_grad():
-                out = one_step(img, t)
-            if step_fn is not None:
-                out["sample"] = step_fn(out["sample"], i)
-                if not isinstance(out["sample"], torch.Tensor) or tuple(out["sample"].shape) != shape:
-                    raise ValueError(f"sampling loop: step_fn must return a tensor of shape {shape}")
-            yield out
-            img = out["sample"]
-
-    # ------------------------------------------------------------------ DDIM
+    # ------------------------------------------------------------------ DDIM steps
 
     def ddim_sample(
         self,
@@ -528,72 +401,6 @@ class GaussianDiffusion:
         alpha_bar_next = _extract_into_tensor(self.alphas_cumprod_next, t, x.shape)
         sample = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-
-    def ddim_sample_loop(
-        self,
-        model: Model,
-        shape: Sequence[int],
-        noise: Optional[torch.Tensor] = None,
-        clip_denoised: bool = True,
-        denoised_fn: Optional[DenoisedFn] = None,
-        model_kwargs: Optional[Dict[str, Any]] = None,
-        device: Optional[Union[str, torch.device]] = None,
-        progress: bool = False,
-        eta: float = 0.0,
-        start_t: Optional[int] = None,
-        step_fn: Optional[StepFn] = None,
-    ) -> torch.Tensor:
-        """Generate samples with DDIM; same arguments as :meth:`p_sample_loop` plus ``eta``."""
-        final = None
-        for out in self.ddim_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            eta=eta,
-            start_t=start_t,
-            step_fn=step_fn,
-        ):
-            final = out
-        return final["sample"]
-
-    def ddim_sample_loop_progressive(
-        self,
-        model: Model,
-        shape: Sequence[int],
-        noise: Optional[torch.Tensor] = None,
-        clip_denoised: bool = True,
-        denoised_fn: Optional[DenoisedFn] = None,
-        model_kwargs: Optional[Dict[str, Any]] = None,
-        device: Optional[Union[str, torch.device]] = None,
-        progress: bool = False,
-        eta: float = 0.0,
-        start_t: Optional[int] = None,
-        step_fn: Optional[StepFn] = None,
-    ) -> Iterator[Dict[str, torch.Tensor]]:
-        """Like :meth:`ddim_sample_loop`, but yield {"sample", "pred_xstart"} after every step."""
-        yield from self._reverse_loop(
-            lambda x, t: self.ddim_sample(
-                model,
-                x,
-                t,
-                clip_denoised=clip_denoised,
-                denoised_fn=denoised_fn,
-                model_kwargs=model_kwargs,
-                eta=eta,
-            ),
-            model,
-            shape,
-            noise,
-            device,
-            progress,
-            start_t,
-            step_fn,
-        )
 
     # ------------------------------------------------------------------ losses and likelihood
 

@@ -5,7 +5,7 @@ consistency (:mod:`improved_diffusion.data_consistency`) plugged into any sample
 ``denoised_fn`` / ``step_fn`` hooks, and returns their complex mean and the per-pixel standard deviation of
 their magnitude (an uncertainty map).
 
-Units: the network works on ``image / scale`` with ``scale = fastmri_data.scale_from_kspace`` computed
+Units: the network works on ``image / scale`` with ``scale = transforms.scale_from_kspace`` computed
 from the measured k-space (the same scale the model was trained with); measurements are divided by the
 same scale and the outputs multiplied back, so results are in the input k-space's intensity units.
 
@@ -32,6 +32,7 @@ from .data_consistency import CLIP_MODES, DC_MODES, DiffusionDataConsistency, Me
 from .mri.coils import prepare_slice
 from .mri.fftc import channels_to_complex, complex_to_channels
 from .mri.fov import resolve_fov_rows
+from .transforms import scale_from_kspace
 
 SAMPLERS = ("ddim", "ancestral")
 # The recommended respacing (10 network evaluations per sample from DEFAULT_T0); scripts/image_sample.py
@@ -307,7 +308,7 @@ def reconstruct_slice(
         maps: sensitivity maps ``(C, H, W)`` of the coils as measured; estimated (ESPIRiT on the whole
             fully sampled centre of the prewhitened data) when None.
         options: :class:`ReconOptions` (defaults when None).
-        scale: intensity scale; ``fastmri_data.scale_from_kspace`` of the measured k-space when None.
+        scale: intensity scale; ``transforms.scale_from_kspace`` of the measured k-space when None.
         noise_std: complex noise std of a k-space sample, overriding ``noise_scan`` and the estimate (0:
             noiseless data).
         noise_scan: ``(N, C)`` noise samples of the coils, or None (then the noise is estimated).
@@ -337,8 +338,6 @@ def reconstruct_slice(
     kspace = torch.from_numpy(data.kspace)
     maps = None if data.maps is None else torch.from_numpy(data.maps)
     if scale is None:
-        from .fastmri_data import scale_from_kspace
-
         scale = float(scale_from_kspace(kspace, maps))
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"intensity scale must be finite and > 0, got {scale}")

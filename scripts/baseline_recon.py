@@ -35,7 +35,7 @@ import torch
 
 from improved_diffusion import dist_util
 from improved_diffusion.data_consistency import MeasurementOperator
-from improved_diffusion.fastmri_data import BadFileError, scale_from_kspace
+from improved_diffusion.fastmri_data import BadFileError
 from improved_diffusion.mri.coils import prepare_slice
 from improved_diffusion.mri.fov import resolve_fov_rows
 from improved_diffusion.recon_inputs import SliceInput, Volume, list_inputs, mask_spec_from_args
@@ -50,6 +50,7 @@ from improved_diffusion.recon_runner import (
 )
 from improved_diffusion.reconstruction import OPTION_HELP, ReconOptions
 from improved_diffusion.script_util import HelpFormatter, add_dict_to_argparser
+from improved_diffusion.transforms import scale_from_kspace
 
 METHODS = ("zero_filled", "sense", "l1_wavelet", "bart_pics")
 # Regularization weights in normalized units (image / scale); generic defaults (see the docstring).

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from improved_diffusion.fastmri_data import scale_from_kspace
 from improved_diffusion.mri import bart
 from improved_diffusion.mri.espirit import estimate_sens_maps
 from improved_diffusion.mri.fftc import fft2c, ifft2c
 from improved_diffusion.mri.metrics import psnr
 from improved_diffusion.mri.sense import coil_combine, sense_forward
 from improved_diffusion.mri.subsample import create_mask_for_mask_type
+from improved_diffusion.transforms import scale_from_kspace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_bart = pytest.mark.skipif(

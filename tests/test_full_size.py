@@ -16,11 +16,12 @@ import pytest
 import torch
 from test_recon_scripts import baseline_recon, image_sample, write_checkpoint
 
-from improved_diffusion.fastmri_data import FastMRISliceDataset, check_file, scale_from_kspace
+from improved_diffusion.fastmri_data import FastMRISliceDataset, check_file
 from improved_diffusion.mri.fftc import fft2c, ifft2c
 from improved_diffusion.recon_inputs import MaskSpec, open_volume
 from improved_diffusion.reconstruction import ReconOptions, reconstruct_slice
 from improved_diffusion.script_util import create_model_and_diffusion, load_config
+from improved_diffusion.transforms import scale_from_kspace
 
 HEADER = (
     '<?xml version="1.0" encoding="utf-8"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding>'

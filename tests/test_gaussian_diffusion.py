@@ -1,5 +1,6 @@
 """Tests for improved_diffusion.gaussian_diffusion (schedules, posterior, losses, samplers, hooks)."""
 
+import functools
 import math
 
 import numpy as np
@@ -314,6 +315,37 @@ def test_start_t_and_step_fn(loop):
             getattr(diff, loop)(model, shape, start_t=bad)
     with pytest.raises(ValueError, match="noise shape"):
         getattr(diff, loop)(model, shape, noise=torch.zeros(1, 2, 4, 4))
+
+
+def test_public_loops_are_the_generic_loop_with_their_step():
+    """p_sample_loop / ddim_sample_loop are sample_loop_progressive driven by p_sample / ddim_sample, and
+    any other step function with their signature plugs into the same loop and hooks."""
+    diff = _diffusion(steps=6)
+    model = _RecordingModel()
+    shape = (2, 2, 4, 4)
+    for loop, step in [
+        (diff.p_sample_loop, diff.p_sample),
+        (functools.partial(diff.ddim_sample_loop, eta=0.5), functools.partial(diff.ddim_sample, eta=0.5)),
+    ]:
+        torch.manual_seed(0)
+        final = loop(model, shape, start_t=4)
+        torch.manual_seed(0)
+        steps = list(diff.sample_loop_progressive(functools.partial(step, model), model, shape, start_t=4))
+        assert len(steps) == 5
+        torch.testing.assert_close(final, steps[-1]["sample"], rtol=0, atol=0)
+
+    def halve(x, t):
+        return {"sample": 0.5 * x, "pred_xstart": x}
+
+    ts = []
+
+    def add_one(x, t):
+        ts.append(t)
+        return x + 1
+
+    steps = list(diff.sample_loop_progressive(halve, None, shape, noise=torch.ones(shape), step_fn=add_one))
+    assert ts == [5, 4, 3, 2, 1, 0] and len(steps) == 6
+    torch.testing.assert_close(steps[-1]["sample"], torch.full(shape, 1.984375))  # x -> x / 2 + 1, six times
 
 
 def test_ddim_matches_closed_form_step():

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from improved_diffusion.fastmri_data import scale_from_kspace
 from improved_diffusion.mri.fftc import complex_to_channels, fft2c
 from improved_diffusion.reconstruction import (
     DEFAULT_T0,
@@ -17,6 +16,7 @@ from improved_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
+from improved_diffusion.transforms import scale_from_kspace
 
 H, W, COILS = 16, 20, 3
 
