@@ -71,9 +71,9 @@ from synth_contrasts import (  # noqa: E402
     synthesize,
 )
 
-from improved_diffusion.fastmri_data import scale_from_kspace, slice_to_image  # noqa: E402
 from improved_diffusion.io_util import atomic_write_text  # noqa: E402
 from improved_diffusion.script_util import HelpFormatter  # noqa: E402
+from improved_diffusion.transforms import scale_from_kspace, slice_to_image  # noqa: E402
 
 
 def volume_layout(
