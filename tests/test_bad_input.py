@@ -43,7 +43,7 @@ def test_docs_table_is_generated_from_these_runs(runs):
     with open(os.path.join(ROOT, "docs", "bad_input.md")) as f:
         docs = f.read()
     assert docs == bad.markdown(list(runs.values())), (
-        "docs/bad_input.md is out of date: python benchmarks/bad_input_table.py > docs/bad_input.md"
+        "docs/bad_input.md is out of date: python benchmarks/bad_input_table.py --output docs/bad_input.md"
     )
 
 
