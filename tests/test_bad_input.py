@@ -89,3 +89,29 @@ def test_resume_from_a_missing_checkpoint(tmp_path):
     assert status == 2 and "Traceback" not in err
     assert err.strip().splitlines() == [f"error: --resume_checkpoint {missing}: no such file or directory"]
     assert not log.exists()
+
+
+@pytest.mark.parametrize("script", ["train", "sample"])
+def test_every_bad_file_of_a_run_is_one_line_before_any_work(tmp_path, script):
+    """The header cases together, beside a good file: one line each, and not even the good file is done."""
+    data, out, ckpt = tmp_path / "data", tmp_path / "out", tmp_path / "ckpt"
+    data.mkdir()
+    ckpt.mkdir()
+    header_cases = [c for c in bad.CASES if c.make is not None and c.slice_idx is None]
+    for case in header_cases:
+        case.make(str(data / f"{case.name}.h5"))
+    bad.write_good(str(data / "good.h5"))
+    if script == "train":
+        argv = [f"--data_dir={data}", f"--log_dir={out}", *bad.TRAIN_ARGS]
+        status, stdout, err = bad.call_script("image_train", argv)
+    else:
+        model = bad.write_checkpoint(str(ckpt))
+        argv = ["--model_path", model, "--input", str(data), "--output_dir", str(out), *bad.SAMPLE_ARGS]
+        status, stdout, err = bad.call_script("image_sample", argv)
+    lines = err.strip().splitlines()
+    assert status == 2 and "Traceback" not in err + stdout
+    assert sorted(line.split(": ")[1] for line in lines) == sorted(
+        str(data / f"{c.name}.h5") for c in header_cases
+    ), err
+    assert all(line.startswith("error: ") for line in lines)
+    assert not out.exists()
