@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Sequen
 from .augment import AugmentConfig, augment_image, sample_key
 from .io_util import BadFileError, first_line
 from .io_util import list_h5_files as _list_h5
+from .mri.coils import maps_problem
 from .mri.fftc import center_crop, complex_to_channels
 from .mri.fov import crop_rows, readout_crop
 from .transforms import PREPARE_HINT, scale_from_kspace, slice_to_image
@@ -120,6 +121,8 @@ def check_file(path: str, require_maps: bool = True, crop_size: CropSize = None)
                     raise bad(f"'{_MAPS}' shape {maps.shape} does not match '{_KSPACE}' shape {ksp.shape}")
             if "mask" in f:
                 mask = np.asarray(f["mask"][()])
+                if not np.isfinite(mask).all():
+                    raise bad(f"'mask' holds {int((~np.isfinite(mask)).sum())} NaN or inf values")
                 if mask.size and not np.all(mask != 0):
                     raise bad(
                         f"k-space is undersampled ('mask' samples {100 * np.mean(mask != 0):.0f}%); "
@@ -196,8 +199,9 @@ def _crop_pair(crop_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
 
 
 def slice_problem(kspace: torch.Tensor, maps: Optional[torch.Tensor] = None) -> Optional[str]:
-    """What makes one slice unusable for training, or None: NaN/inf in ``kspace`` or ``maps``, or all-zero
-    ``kspace`` (a slice with nothing to learn from; its scale would be meaningless).
+    """What makes one slice unusable for training, or None: NaN/inf in ``kspace`` or ``maps``, all-zero
+    ``kspace`` (a slice with nothing to learn from; its scale would be meaningless), or maps that are all
+    zero or not normalized (:func:`~improved_diffusion.mri.coils.maps_problem`).
 
     Args:
         kspace: (H, W) or (C, H, W) complex k-space of the slice.
@@ -211,7 +215,7 @@ def slice_problem(kspace: torch.Tensor, maps: Optional[torch.Tensor] = None) -> 
             return f"'{key}' holds {bad} NaN or inf values"
     if not bool(kspace.any()):
         return f"'{_KSPACE}' is all zero"
-    return None
+    return None if maps is None else maps_problem(maps, _MAPS)
 
 
 class FastMRISliceDataset(Dataset):

@@ -269,6 +269,8 @@ def open_volume(path: str, spec: MaskSpec) -> Volume:
 def _file_mask(mask: np.ndarray, shape: Tuple[int, int], bad: Callable[[str], BadFileError]) -> np.ndarray:
     """A file's mask as ``(W,)`` or ``(H, W)`` float32 0/1, checked against the k-space (H, W)."""
     mask = np.asarray(mask)
+    if not np.isfinite(mask).all():  # NaN != 0 would count as sampled
+        raise bad(f"'{MASK_KEY}' holds {int((~np.isfinite(mask)).sum())} NaN or inf values")
     squeezed = mask.reshape([s for s in mask.shape if s != 1]) if mask.ndim > 1 else mask
     if squeezed.ndim == 1 and squeezed.shape[0] == shape[1]:
         out = squeezed

@@ -304,7 +304,14 @@ class TrainLoop:
         ckpt = self._find_checkpoint(resume_checkpoint)
         if ckpt is not None:
             logger.log(f"resuming from {ckpt.model} (step {ckpt.step})")
-            self.model.load_state_dict(dist_util.load_state_dict(ckpt.model, map_location=self.device))
+            try:
+                self.model.load_state_dict(dist_util.load_state_dict(ckpt.model, map_location=self.device))
+            except RuntimeError as err:  # weights of another model: name the file, not 100 size mismatches
+                lines = str(err).strip().splitlines()
+                raise ValueError(
+                    f"--resume_checkpoint {ckpt.model}: weights do not match the model of these flags "
+                    f"({' '.join(line.strip() for line in lines[:2])})"
+                ) from None
             self.step = ckpt.step
             self.last_saved_step = ckpt.step
         dist_util.sync_params(self.model.parameters())

@@ -208,17 +208,41 @@ def choose_log_dir(log_dir: str) -> str:
     return chosen
 
 
-def check_config_matches(log_dir: str, model_config: Dict[str, Any]) -> None:
-    """When resuming into ``log_dir``, its config.json must describe the same model and diffusion."""
-    if not os.path.isfile(os.path.join(log_dir, "config.json")):
+def check_config_matches(folder: str, model_config: Dict[str, Any], advice: str) -> None:
+    """The config.json in ``folder``, if there is one, must describe the same model and diffusion.
+
+    Raises:
+        ValueError: one line listing the differing keys, then ``advice``.
+    """
+    if not os.path.isfile(os.path.join(folder, "config.json")):
         return
-    old = load_config(log_dir)
+    old = load_config(folder)
     diffs = [f"{k}: {old[k]!r} -> {v!r}" for k, v in model_config.items() if k in old and old[k] != v]
     if diffs:
         raise ValueError(
-            f"{log_dir}/config.json was written for another model/diffusion ({'; '.join(diffs)}); "
-            "use the same flags or a new --log_dir"
+            f"{folder}/config.json was written for another model/diffusion ({'; '.join(diffs)}); {advice}"
         )
+
+
+def check_resume(args: argparse.Namespace, model_config: Dict[str, Any]) -> None:
+    """Before anything is written: the checkpoint to resume exists, and the config.json of its run and of
+    the log dir resumed into describe the model and diffusion of the flags.
+
+    Raises:
+        ValueError: in one line.
+    """
+    if not args.resume_checkpoint:
+        return
+    try:
+        found = find_resume_checkpoint(args.resume_checkpoint)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
+    log_dir = args.log_dir or os.environ.get("OPENAI_LOGDIR", "")
+    if log_dir:
+        check_config_matches(log_dir, model_config, "use the same flags or a new --log_dir")
+    if found is not None:
+        run_dir = os.path.dirname(os.path.abspath(found.model))
+        check_config_matches(run_dir, model_config, "resume with that run's model and diffusion flags")
 
 
 def seed_everything(seed: int) -> None:
@@ -256,8 +280,8 @@ def param_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def main() -> None:
-    args = create_argparser().parse_args()
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = create_argparser().parse_args(argv)
     if not args.data_dir:
         raise SystemExit("error: --data_dir is required (a folder of fastMRI-format .h5 files)")
     try:
@@ -268,9 +292,12 @@ def main() -> None:
         print_error(err)
         raise SystemExit(2) from None
     rank = dist_util.get_rank()
-    # The index pass comes first: a bad file stops the run before a model is built or a log dir written.
+    # The index pass and the resume check come first: a bad file or a checkpoint of another model stops the
+    # run before a model is built or a log dir written.
+    model_config = args_to_dict(args, model_and_diffusion_defaults().keys())
     try:
         files = index_training_files(args, crop_size, augment.patch_size)
+        check_resume(args, model_config)
     except ValueError as err:
         print_error(err)
         dist_util.cleanup_dist()
@@ -288,10 +315,7 @@ def main() -> None:
         patch = f"{augment.patch_size}x{augment.patch_size} patches" if augment.patch_size else "whole slices"
         logger.log(f"augmentation: {on}; {patch}; seed {augment.seed}")
 
-    model_config = args_to_dict(args, model_and_diffusion_defaults().keys())
     if dist_util.is_main_process():
-        if args.resume_checkpoint:
-            check_config_matches(log_dir, model_config)
         save_config({**vars(args), "log_dir": log_dir}, log_dir)
     dist_util.barrier()
 
@@ -329,27 +353,32 @@ def main() -> None:
         initial_digest = param_digest(model)
 
     logger.log("training...")
-    loop = TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        precision=args.precision,
-        schedule_sampler=schedule_sampler,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        max_steps=args.max_steps,
-        max_nan_steps=args.max_nan_steps,
-        ema_warmup=args.ema_warmup,
-        log_dir=log_dir,
-    )
+    try:
+        loop = TrainLoop(
+            model=model,
+            diffusion=diffusion,
+            data=data,
+            batch_size=args.batch_size,
+            microbatch=args.microbatch,
+            lr=args.lr,
+            ema_rate=args.ema_rate,
+            log_interval=args.log_interval,
+            save_interval=args.save_interval,
+            resume_checkpoint=args.resume_checkpoint,
+            use_fp16=args.use_fp16,
+            precision=args.precision,
+            schedule_sampler=schedule_sampler,
+            weight_decay=args.weight_decay,
+            lr_anneal_steps=args.lr_anneal_steps,
+            max_steps=args.max_steps,
+            max_nan_steps=args.max_nan_steps,
+            ema_warmup=args.ema_warmup,
+            log_dir=log_dir,
+        )
+    except (ValueError, FileNotFoundError) as err:  # a flag TrainLoop refuses, a checkpoint it cannot load
+        print_error(err)
+        dist_util.cleanup_dist()
+        raise SystemExit(2) from None
     try:
         loop.run_loop()
     except NonFiniteLossError as err:

@@ -231,7 +231,10 @@ def _bad_values(d):
 
 def test_slice_problem():
     k = torch.ones(2, 4, 4, dtype=torch.complex64)
-    assert slice_problem(k) is None and slice_problem(k, k) is None
+    maps = k / 2**0.5  # normalized: sum_c |S_c|^2 = 1
+    assert slice_problem(k) is None and slice_problem(k, maps) is None
+    assert slice_problem(k, k).startswith("'sens_maps' are not normalized: sum_c |S_c|^2 is 2 to 2")
+    assert slice_problem(k, 0 * k) == "'sens_maps' is all zero"
     assert slice_problem(torch.zeros(4, 4, dtype=torch.complex64)) == "'kspace' is all zero"
     bad = k.clone()
     bad[0, 0, 0] = complex(0, float("nan"))

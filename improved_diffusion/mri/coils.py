@@ -45,6 +45,11 @@ SIGMA_REFINEMENTS = 4
 # and 15-20 coil knee/brain scans go to about 8 (SVD compression to 8 costs them little, Huang et al.).
 COIL_ENERGY = 0.99
 MIN_VIRTUAL_COILS = 8
+# The maps' support: where sum_c |S_c|^2 exceeds this fraction of its maximum.
+MAPS_SUPPORT = 1e-6
+# Stored maps used as they are (training) must have sum_c |S_c|^2 = 1 on their support to this tolerance;
+# datasets/prepare_fastmri.py's ESPIRiT maps are normalized to float32 rounding (about 1e-6).
+MAPS_NORM_TOLERANCE = 1e-3
 
 
 class MapsWarning(UserWarning):
@@ -96,8 +101,27 @@ def check_maps(maps: np.ndarray, shape, name: str = "sens_maps") -> np.ndarray:
     norm = np.sqrt((np.abs(maps) ** 2).sum(axis=0))
     if not norm.any():
         raise ValueError(f"'{name}' is all zero")
-    support = norm > 1e-6 * norm.max()
+    support = norm > MAPS_SUPPORT * norm.max()
     return np.where(support, maps / np.where(support, norm, 1.0), 0).astype(np.complex64)
+
+
+def maps_problem(maps, name: str = "sens_maps") -> Optional[str]:
+    """What makes finite stored maps ``(C, H, W)`` unusable as they are, or None.
+
+    Training combines coils with the stored maps directly (``sum_c conj(S_c) F^-1 y_c``), so maps that are
+    all zero, or whose ``sum_c |S_c|^2`` is not 1 on their support, would silently zero or rescale the
+    image against its k-space scale. (Reconstruction normalizes stored maps instead: :func:`check_maps`.)
+    """
+    sumsq = (np.abs(np.asarray(maps)) ** 2).sum(axis=0)
+    if not sumsq.any():
+        return f"'{name}' is all zero"
+    on = sumsq[sumsq > MAPS_SUPPORT**2 * sumsq.max()]
+    if np.abs(on - 1).max() > MAPS_NORM_TOLERANCE:
+        return (
+            f"'{name}' are not normalized: sum_c |S_c|^2 is {on.min():.3g} to {on.max():.3g} on their "
+            "support, expected 1"
+        )
+    return None
 
 
 def compress_coils(kspace: np.ndarray, num_virtual_coils: int = 0) -> np.ndarray:
