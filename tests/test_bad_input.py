@@ -6,6 +6,7 @@ tests/test_image_train_errors.py covers training's several-files, skip and distr
 """
 
 import os
+import re
 import sys
 
 import pytest
@@ -42,7 +43,12 @@ def test_one_line_status_2_no_output(runs, case, script):
 def test_docs_table_is_generated_from_these_runs(runs):
     with open(os.path.join(ROOT, "docs", "bad_input.md")) as f:
         docs = f.read()
-    assert docs == bad.markdown(list(runs.values())), (
+
+    # numbers masked: HDF5's own messages quote byte offsets, which differ between library builds
+    def mask(text):
+        return re.sub(r"\d+", "N", text)
+
+    assert mask(docs) == mask(bad.markdown(list(runs.values()))), (
         "docs/bad_input.md is out of date: python benchmarks/bad_input_table.py --output docs/bad_input.md"
     )
 
