@@ -45,6 +45,15 @@ def create_argparser() -> argparse.ArgumentParser:
         "--lambdas", type=str, default="1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1", help="comma list of λ"
     )
     p.add_argument("--accelerations", type=str, default="4,8", help="comma list from 4, 8")
+    p.add_argument(
+        "--mask_type",
+        type=str,
+        default="",
+        choices=("", "random", "equispaced_fraction", "poisson"),
+        help="one mask type for every acceleration ('' = the benchmark's: 4x random, 8x "
+        "equispaced_fraction), "
+        "with the benchmark's centre fraction; poisson for 2-D Poisson scans such as ../shared/data's",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the added noise")
     return p
 
@@ -66,13 +75,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     total = float(np.hypot(sigma, args.file_noise))
     for acc in (int(a) for a in args.accelerations.split(",")):
         mask_type, cf = MASKS[acc]
+        mask_type = args.mask_type or mask_type
         data = []
         for s in slices:
             k = kspace[s]
             noisy = k + sigma / np.sqrt(2) * (
                 rng.standard_normal(k.shape) + 1j * rng.standard_normal(k.shape)
             )
-            mask = create_mask_for_mask_type(mask_type, [cf], [acc])(k.shape, seed=1)[0].numpy().reshape(-1)
+            mask = create_mask_for_mask_type(mask_type, [cf], [acc])(k.shape, seed=1)[0].numpy()
+            mask = mask.reshape(mask.shape[-2:] if mask.ndim == 2 else (-1,))  # (H, W) 2-D or (W,) columns
             data.append(((noisy * mask).astype(np.complex64), mask, targets[s]))
         for method in args.methods.split(","):
             scores: List[float] = []
@@ -87,7 +98,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"{lam:g}:{p:.2f}{'*' if i == best else ''}"
                 for i, (lam, p) in enumerate(zip(lambdas, scores))
             ]
-            print(f"noise {args.noise_level:g} x max|k|, {acc}x, {method}: " + "  ".join(cells), flush=True)
+            label = f"{acc}x" + (f" {args.mask_type}" if args.mask_type else "")
+            print(f"noise {args.noise_level:g} x max|k|, {label}, {method}: " + "  ".join(cells), flush=True)
     return 0
 
 
