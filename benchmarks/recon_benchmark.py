@@ -57,6 +57,7 @@ from training_info import training_info  # noqa: E402
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from improved_diffusion.evaluation import score_run  # noqa: E402
+from improved_diffusion.inference import DEMO_MODEL  # noqa: E402
 from improved_diffusion.io_util import atomic_write_text  # noqa: E402
 from improved_diffusion.reconstruction import DEFAULT_T0  # noqa: E402
 from improved_diffusion.script_util import HelpFormatter  # noqa: E402
@@ -327,7 +328,10 @@ def figure_data(
 def create_argparser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
-        "--model_path", type=str, default="", help="diffusion checkpoint (config.json beside it; '' = demo)"
+        "--model_path",
+        type=str,
+        default=DEMO_MODEL,
+        help="diffusion checkpoint (config.json beside it); default: the demo checkpoint",
     )
     p.add_argument(
         "--data_dir", type=str, default=os.path.join(REPO_ROOT, "demo_data"), help="holds <coil>_val/ folders"

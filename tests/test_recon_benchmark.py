@@ -245,7 +245,7 @@ def test_training_info_from_checkpoint(tmp_path):
 def test_bad_arguments():
     with pytest.raises(SystemExit):
         rb.parse_args(["--accelerations", "5"])
-    args = rb.parse_args(["--methods", "ddim_project"])
+    args = rb.parse_args(["--methods", "ddim_project", "--model_path", ""])
     with pytest.raises(ValueError, match="model_path"):
         rb.build_methods(args)
     with pytest.raises(ValueError, match="unknown"):
