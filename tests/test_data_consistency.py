@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from improved_diffusion.data_consistency import (
+    FINAL_LOG10_LAMBDA_MIN,
     DiffusionDataConsistency,
     MeasurementOperator,
     bound_x0,
@@ -126,6 +127,20 @@ def test_final_dc_fits_to_the_noise_level(multicoil):
     assert (op.noise_ratio(exact) < 0.9).all()
     kept, lam = final_data_consistency(exact, op)  # already within the noise level: kept as it is
     assert torch.equal(kept, exact) and torch.isinf(lam).all()
+
+
+def test_final_dc_does_not_chase_a_noise_level_the_maps_cannot_reach():
+    """Data from other maps (model error): the fit stops at the noise-gain bound λ = 1e-2 instead of
+    inverting the small singular values, and stays closer to the truth than the exact fit."""
+    op0, x_true, gen = _problem(True, h=24, w=21)
+    other = _smooth_maps(4, 24, 21, gen)  # the coils the data really came from
+    sigma = 0.05
+    y = op0.mask * (fft2c(other * x_true) + sigma / np.sqrt(2) * _crandn(4, 24, 21, gen=gen))
+    op = MeasurementOperator(y, op0.mask, op0.maps, sigma=sigma)
+    out, lam = final_data_consistency(x_true[None], op)
+    assert lam.item() == pytest.approx(10.0**FINAL_LOG10_LAMBDA_MIN) and op.noise_ratio(out).item() > 1.0
+    loose = prox_data(x_true[None], op, 1e-6, tol=1e-8, max_iters=500)
+    assert (out - x_true).abs().norm() < (loose - x_true).abs().norm()
 
 
 def test_noiseless_final_dc_is_exact():
