@@ -367,8 +367,9 @@ def heldout_comparisons(rows: List[Dict[str, str]]) -> List[dict]:
     out = []
     for split, acc in settings:
         these = [r for r in rows if r["split"] == split and int(float(r["acceleration"])) == acc]
-        base = [r for r in these if r["method"] in BASELINES]
-        diff = [r for r in these if r["method"] not in BASELINES]
+        # evaluate.py rows carry their λ in the label ("bart_pics (lambda 1e-3)"): first word = method
+        base = [r for r in these if r["method"].split()[0] in BASELINES]
+        diff = [r for r in these if r["method"].split()[0] not in BASELINES]
         if not base or not diff:
             continue
         best = max(base, key=lambda r: float(r["psnr"]))
