@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from .augment import AugmentConfig, augment_image, sample_key
-from .io_util import BadFileError, first_line
+from .io_util import BadFileError, first_line, open_h5
 from .io_util import list_h5_files as _list_h5
 from .mri.coils import maps_problem
 from .mri.fftc import center_crop, complex_to_channels
@@ -91,10 +91,7 @@ def check_file(path: str, require_maps: bool = True, crop_size: CropSize = None)
     def bad(problem: str) -> BadFileError:
         return BadFileError(f"{path}: {problem}")
 
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise bad(f"not a readable HDF5 file (corrupt or truncated?): {first_line(err)}") from None
+    f = open_h5(path)
     try:
         with f:
             if _KSPACE not in f:
