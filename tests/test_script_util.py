@@ -24,6 +24,7 @@ from improved_diffusion.script_util import (
     load_config,
     model_and_diffusion_defaults,
     model_options_from_config,
+    parse_size,
     save_config,
     str2bool,
     upstream_flag_notes,
@@ -199,6 +200,15 @@ def test_upstream_flags_are_accepted_with_a_note():
     assert "torch.amp.GradScaler" in notes[0] and "\n" not in notes[0]
     assert notes[1] == "note: --old_switch is ignored: it does nothing here"
     assert upstream_flag_notes(vars(args), UPSTREAM_TRAIN_FLAGS) == notes[:1]
+
+
+def test_parse_size():
+    assert parse_size("", "--crop_size") is None and parse_size(" ", "--crop_size") is None
+    assert parse_size("128", "--crop_size") == (128, 128)
+    assert parse_size(" 96,64 ", "--sample_size") == (96, 64)
+    for bad, problem in (("a", "an integer or 'height,width'"), ("0", "positive"), ("1,2,3", "one or two")):
+        with pytest.raises(ValueError, match=f"^--sample_size '{bad}': expected .*{problem}"):
+            parse_size(bad, "--sample_size")
 
 
 def test_save_and_load_config(tmp_path):
