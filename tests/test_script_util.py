@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from tiny import tiny_config
 
 from improved_diffusion import gaussian_diffusion as gd
 from improved_diffusion.respace import SpacedDiffusion
@@ -54,19 +55,12 @@ UPSTREAM_KEYS = {
 }
 
 
+# the tests' tiny model with attention (2 heads at 8x8) and 50 steps
+TINY_WITH_ATTENTION = dict(num_channels=16, num_heads=2, attention_resolutions="8", diffusion_steps=50)
+
+
 def _tiny(**overrides):
-    cfg = model_and_diffusion_defaults()
-    cfg.update(
-        image_size=16,
-        num_channels=16,
-        num_res_blocks=1,
-        num_heads=2,
-        attention_resolutions="8",
-        diffusion_steps=50,
-        channel_mult="1,2",
-    )
-    cfg.update(overrides)
-    return cfg
+    return tiny_config(**{**TINY_WITH_ATTENTION, **overrides})
 
 
 def test_defaults_keys_and_mri_values():

@@ -57,12 +57,15 @@ def tiny_model_and_diffusion(seed: int = 0, **overrides: Any) -> Tuple[UNetModel
     return create_model_and_diffusion(**tiny_config(**overrides))
 
 
-def write_checkpoint(folder: str, config_overrides: Optional[Dict] = None, **model_overrides: Any) -> str:
-    """A tiny model's ``model000000.pt`` (``model_overrides``) and config.json (plus ``config_overrides``)."""
+def write_checkpoint(
+    folder: str, config_overrides: Optional[Dict] = None, name: str = "model000000.pt", **model_overrides: Any
+) -> str:
+    """A tiny model's weights ``<folder>/<name>`` (``model_overrides``) and config.json beside them (plus
+    ``config_overrides``); returns the weights' path."""
     cfg = tiny_config(**model_overrides)
     model, _ = tiny_model_and_diffusion(**model_overrides)
     save_config({**cfg, **(config_overrides or {})}, str(folder))
-    path = os.path.join(str(folder), "model000000.pt")
+    path = os.path.join(str(folder), name)
     torch.save(model.state_dict(), path)
     return path
 
