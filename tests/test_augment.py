@@ -9,12 +9,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from tiny import REPO, TINY_FLAGS, script_env
 
 from improved_diffusion import augment as A
 from improved_diffusion.fastmri_data import FastMRISliceDataset, index_data, load_data
 from improved_diffusion.mri.fftc import channels_to_complex, complex_to_channels
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = A.AugmentConfig(probabilities=tuple((n, 1.0) for n in A.AUGMENTATIONS))
 
 
@@ -176,19 +176,13 @@ def test_image_train_records_the_flags_in_config_json(tmp_path):
     data.mkdir()
     _volume(data / "a.h5", slices=4, size=16)
     log_dir = tmp_path / "log"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "OPENAI_LOGDIR")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    env = script_env()
     base = [
         sys.executable,
         os.path.join(REPO, "scripts", "image_train.py"),
         f"--data_dir={data}",
         f"--log_dir={log_dir}",
-        "--image_size=16",
-        "--num_channels=8",
-        "--num_res_blocks=1",
-        "--attention_resolutions=",
-        "--channel_mult=1,2",
-        "--diffusion_steps=20",
+        *TINY_FLAGS,
         "--batch_size=2",
         "--max_steps=1",
     ]

@@ -7,43 +7,17 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from tiny import REPO, TINY_FLAGS, script_env
 
 from improved_diffusion.checkpoint import list_complete_checkpoints
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "image_train.py")
-TINY = [
-    "--image_size=16",
-    "--num_channels=8",
-    "--num_res_blocks=1",
-    "--attention_resolutions=",
-    "--num_heads=1",
-    "--diffusion_steps=20",
-    "--channel_mult=1,2",
-    "--batch_size=2",
-    "--log_interval=1",
-]
-LAUNCH_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "PMI_RANK",
-    "PMI_SIZE",
-    "OMPI_COMM_WORLD_RANK",
-    "PMIX_RANK",
-)
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS + ("OPENAI_LOGDIR",)}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+TINY = TINY_FLAGS + ["--batch_size=2", "--log_interval=1"]
 
 
 def train(data_dir, log_dir, *extra, timeout=180):
     cmd = [sys.executable, SCRIPT, f"--data_dir={data_dir}", f"--log_dir={log_dir}", *TINY, *extra]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def write_volume(path, slices=4, size=16, coils=0, seed=0):
@@ -177,7 +151,7 @@ def test_bad_file_on_another_rank_stops_every_rank(tmp_path):
     write_volume(data / "c_good.h5", seed=1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", SCRIPT]
     cmd += [f"--data_dir={data}", f"--log_dir={log}", *TINY, "--max_steps=1"]
-    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {data / 'b_bad.h5'}: not a readable HDF5"), (
