@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from .augment import AugmentConfig, augment_image, sample_key
-from .io_util import BadFileError, first_line, open_h5
+from .io_util import BadFileError, first_line, kspace_dataset, open_h5
 from .io_util import list_h5_files as _list_h5
 from .mri.coils import maps_problem
 from .mri.fftc import center_crop, complex_to_channels
@@ -94,17 +94,7 @@ def check_file(path: str, require_maps: bool = True, crop_size: CropSize = None)
     f = open_h5(path)
     try:
         with f:
-            if _KSPACE not in f:
-                raise bad(f"missing key '{_KSPACE}' (keys: {sorted(f.keys())})")
-            ksp = f[_KSPACE]
-            if not isinstance(ksp, h5py.Dataset) or ksp.dtype.kind != "c":
-                raise bad(f"'{_KSPACE}' must be a complex dataset, got {getattr(ksp, 'dtype', type(ksp))}")
-            if ksp.ndim not in (3, 4):
-                raise bad(
-                    f"'{_KSPACE}' must be (slices, H, W) or (slices, coils, H, W), got shape {ksp.shape}"
-                )
-            if 0 in ksp.shape:
-                raise bad(f"'{_KSPACE}' is empty, shape {ksp.shape}")
+            ksp = kspace_dataset(f, path, _KSPACE)
             num_coils = ksp.shape[1] if ksp.ndim == 4 else 0
             if num_coils and require_maps:
                 if _MAPS not in f:

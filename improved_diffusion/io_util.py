@@ -1,4 +1,4 @@
-"""File plumbing shared by every module and script: one atomic writer, one h5 lister and opener.
+"""File plumbing shared by every module and script: one atomic writer, one h5 lister, opener, k-space check.
 
 Every file this project writes (checkpoints, configs, logs' CSV rewrites, reconstructions, previews,
 metrics, demo data, benchmark results, the paper) goes through :func:`atomic_write`: the content is
@@ -120,3 +120,26 @@ def open_h5(path: str, mode: str = "r") -> h5py.File:
         return h5py.File(path, mode)
     except OSError as err:
         raise BadFileError(f"{path}: not a readable HDF5 file: {first_line(err)}") from None
+
+
+def kspace_dataset(f: h5py.File, path: str, key: str = "kspace") -> h5py.Dataset:
+    """The file's k-space, checked without reading it: present, complex, ``(slices, H, W)`` or
+    ``(slices, coils, H, W)``, not empty (training and reconstruction inputs alike).
+
+    Raises:
+        BadFileError: one line ``"<path>: <problem>"``.
+    """
+    if key not in f:
+        raise BadFileError(f"{path}: missing key '{key}' (keys: {sorted(f.keys())})")
+    ksp = f[key]
+    if not isinstance(ksp, h5py.Dataset) or ksp.dtype.kind != "c":
+        raise BadFileError(
+            f"{path}: '{key}' must be a complex dataset, got {getattr(ksp, 'dtype', type(ksp))}"
+        )
+    if ksp.ndim not in (3, 4):
+        raise BadFileError(
+            f"{path}: '{key}' must be (slices, H, W) or (slices, coils, H, W), got shape {ksp.shape}"
+        )
+    if 0 in ksp.shape:
+        raise BadFileError(f"{path}: '{key}' is empty, shape {ksp.shape}")
+    return ksp

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import torch
 
-from .io_util import BadFileError, first_line, list_h5_files, open_h5
+from .io_util import BadFileError, first_line, kspace_dataset, list_h5_files, open_h5
 from .mri.fftc import center_crop
 from .mri.fov import output_crop, recon_matrix
 from .mri.subsample import MASK_TYPES, create_mask_for_mask_type, effective_acceleration, seed_from_fname
@@ -177,13 +177,7 @@ def open_volume(path: str, spec: MaskSpec) -> Volume:
     f = open_h5(path)
     try:
         with f:
-            if KSPACE_KEY not in f:
-                raise bad(f"missing key '{KSPACE_KEY}' (keys: {sorted(f.keys())})")
-            ksp = f[KSPACE_KEY]
-            if not isinstance(ksp, h5py.Dataset) or ksp.dtype.kind != "c":
-                raise bad(f"'{KSPACE_KEY}' must be a complex dataset, got {getattr(ksp, 'dtype', type(ksp))}")
-            if ksp.ndim not in (3, 4) or 0 in ksp.shape:
-                raise bad(f"'{KSPACE_KEY}' must be (slices, H, W) or (slices, coils, H, W), got {ksp.shape}")
+            ksp = kspace_dataset(f, path, KSPACE_KEY)
             num_coils = int(ksp.shape[1]) if ksp.ndim == 4 else 0
             shape = (int(ksp.shape[-2]), int(ksp.shape[-1]))
             has_maps = MAPS_KEY in f
