@@ -8,7 +8,7 @@ import types
 
 import pytest
 import torch
-from tiny import LAUNCH_VARS, script_env
+from tiny import LAUNCH_VARS, TORCHRUN_2, script_env
 
 from improved_diffusion import dist_util
 
@@ -165,16 +165,7 @@ def test_two_ranks_under_torchrun(tmp_path):
     script.write_text(TWO_RANK_SCRIPT)
     ckpt = str(tmp_path / "ckpt.pt")
     torch.save({"w": torch.arange(5.0)}, ckpt)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        str(script),
-        ckpt,
-        "torchrun",
-    ]
+    cmd = [*TORCHRUN_2, str(script), ckpt, "torchrun"]
     out = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "rank 0 ok" in out.stdout and "rank 1 ok" in out.stdout

@@ -9,7 +9,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from tiny import REPO, TINY_FLAGS, script_env
+from tiny import REPO, TINY_FLAGS, TORCHRUN_2, script_env
 
 BIN = os.path.dirname(sys.executable)
 MPIEXEC = os.path.join(BIN, "mpiexec")
@@ -75,14 +75,7 @@ def test_mpiexec_two_ranks(data_dir, tmp_path):
 
 def test_torchrun_two_ranks(data_dir, tmp_path):
     log_dir = tmp_path / "torchrun"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        *_train_args(data_dir, log_dir),
-    ]
+    cmd = [*TORCHRUN_2, *_train_args(data_dir, log_dir)]
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "launcher: torchrun, world size 2" in out.stdout

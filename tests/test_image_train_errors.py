@@ -7,7 +7,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from tiny import REPO, TINY_FLAGS, script_env
+from tiny import REPO, TINY_FLAGS, TORCHRUN_2, script_env
 
 from improved_diffusion.checkpoint import list_complete_checkpoints
 
@@ -149,7 +149,7 @@ def test_bad_file_on_another_rank_stops_every_rank(tmp_path):
     write_volume(data / "a_good.h5")
     (data / "b_bad.h5").write_bytes(b"not hdf5 " * 100)  # files[1::2]: rank 1's
     write_volume(data / "c_good.h5", seed=1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", SCRIPT]
+    cmd = [*TORCHRUN_2, SCRIPT]
     cmd += [f"--data_dir={data}", f"--log_dir={log}", *TINY, "--max_steps=1"]
     out = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode != 0

@@ -6,6 +6,7 @@ Not a test file (pytest collects ``test_*.py`` only); the tests import it as ``t
 """
 
 import os
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -44,6 +45,7 @@ LAUNCH_VARS = (
     "PMIX_RANK",
 )
 MPI_PREFIXES = ("PMI", "OMPI", "PMIX", "MV2")
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]  # + script and args
 
 
 def tiny_config(**overrides: Any) -> Dict[str, Any]:
