@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
+import h5py
 import numpy as np
 import torch
 
@@ -86,6 +87,18 @@ def coil_maps(coils: int, h: int, w: int) -> np.ndarray:
         [np.exp(-((yy - h * (c % 2)) ** 2 + (xx - w * (c // 2)) ** 2) / 300 + 0.2j * c) for c in range(coils)]
     )
     return (maps / np.sqrt((np.abs(maps) ** 2).sum(0))).astype(np.complex64)
+
+
+def random_volume(path: str, slices: int = 4, size: int = 16, coils: int = 0, seed: int = 0) -> str:
+    """A fastMRI-format file of random k-space (single-coil, or multi-coil with unit-norm constant maps)."""
+    rng = np.random.default_rng(seed)
+    shape = (slices, coils, size, size) if coils else (slices, size, size)
+    k = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    with h5py.File(path, "w") as f:
+        f["kspace"] = k
+        if coils:
+            f["sens_maps"] = np.full(shape, 1 / np.sqrt(coils), np.complex64)
+    return str(path)
 
 
 def script_env(**extra: str) -> Dict[str, str]:
