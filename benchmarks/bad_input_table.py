@@ -26,31 +26,19 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _path in (ROOT, os.path.join(ROOT, "tests")):  # the package, and the tests' tiny model
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from tiny import TINY_FLAGS, coil_maps, phantom, write_checkpoint  # noqa: E402
 
 from improved_diffusion.io_util import atomic_write_text  # noqa: E402
 from improved_diffusion.mri.fftc import fft2c  # noqa: E402
-from improved_diffusion.script_util import (  # noqa: E402
-    HelpFormatter,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    save_config,
-)
+from improved_diffusion.script_util import HelpFormatter  # noqa: E402
 
 SLICES, COILS, H, W = 2, 3, 16, 16
 BAD_SLICE = 1  # value errors sit in the second slice, so the line must name it (not just the first)
-# The tiny model of both scripts (tests/test_image_train_errors.py's training flags).
-TINY_MODEL = dict(
-    image_size=16,
-    num_channels=8,
-    num_res_blocks=1,
-    attention_resolutions="",
-    num_heads=1,
-    diffusion_steps=20,
-    channel_mult="1,2",
-)
-TRAIN_ARGS = [f"--{k}={v}" for k, v in TINY_MODEL.items()] + [
+TRAIN_ARGS = TINY_FLAGS + [
     "--batch_size=2",  # both slices of the file: the first batch meets the bad slice
     "--max_steps=2",
     "--deterministic=True",
@@ -66,42 +54,16 @@ CHECKPOINT_FILES = ("model", "ema_", "opt")
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _image(scale: float) -> np.ndarray:
-    yy, xx = np.mgrid[:H, :W].astype(np.float32)
-    inside = ((yy - H / 2) / (0.35 * H)) ** 2 + ((xx - W / 2) / (0.4 * W)) ** 2 < 1
-    return (scale * inside * (1 + 0.5 * np.cos(xx / 3)) * np.exp(0.4j * xx / W)).astype(np.complex64)
-
-
-def _maps() -> np.ndarray:
-    """(C, H, W) smooth maps with sum_c |S_c|^2 = 1 everywhere."""
-    yy, xx = np.mgrid[:H, :W].astype(np.float32)
-    maps = np.stack(
-        [np.exp(-((yy - H * (c % 2)) ** 2 + (xx - W * (c // 2)) ** 2) / 300 + 0.2j * c) for c in range(COILS)]
-    )
-    return (maps / np.sqrt((np.abs(maps) ** 2).sum(0))).astype(np.complex64)
-
-
 def write_good(path: str, multicoil: bool = False) -> str:
     """A fully sampled volume of SLICES slices (multi-coil with normalized ``sens_maps``)."""
-    img = np.stack([_image(1.0), _image(0.7)])
+    img = np.stack([phantom(H, W, 1.0), phantom(H, W, 0.7)])
     with h5py.File(path, "w") as f:
         if multicoil:
-            maps = _maps()
+            maps = coil_maps(COILS, H, W)
             f["kspace"] = fft2c(torch.from_numpy(maps[None] * img[:, None])).numpy()
             f["sens_maps"] = np.broadcast_to(maps, (SLICES, COILS, H, W)).copy()
         else:
             f["kspace"] = fft2c(torch.from_numpy(img)).numpy()
-    return path
-
-
-def write_checkpoint(folder: str, config_overrides: Optional[Dict] = None, **model_overrides) -> str:
-    """A tiny model's ``model000000.pt`` (``model_overrides``) and config.json (plus ``config_overrides``)."""
-    cfg = {**model_and_diffusion_defaults(), **TINY_MODEL, **model_overrides}
-    torch.manual_seed(0)
-    model, _ = create_model_and_diffusion(**cfg)
-    save_config({**cfg, **(config_overrides or {})}, folder)
-    path = os.path.join(folder, "model000000.pt")
-    torch.save(model.state_dict(), path)
     return path
 
 

@@ -96,7 +96,13 @@ ALL_METHODS = (
     "ddim_replace",
     "ancestral_project",
 )
-BASELINES = ("zero_filled", "sense", "l1_wavelet", "bart_pics")
+# the classical methods of scripts/baseline_recon.py --method: name -> label
+BASELINES = {
+    "zero_filled": "Zero-filled",
+    "sense": "SENSE",
+    "l1_wavelet": "L1-wavelet",
+    "bart_pics": "BART L1-wavelet",
+}
 BART_METHODS = ("bart_pics",)  # need the `bart` command line
 MAPS_NOTES = {
     "estimate": "estimated per slice from the fully sampled centre of the undersampled k-space "
@@ -141,31 +147,17 @@ def build_methods(args: argparse.Namespace) -> List[Method]:
     base_extra = ["--png", "False"] + shlex.split(args.baseline_args)
     steps = args.ancestral_steps or "T"
     methods = [
-        Method("zero_filled", "Zero-filled", "baseline_recon.py", ["--method", "zero_filled"] + base_extra),
-        Method("sense", "SENSE", "baseline_recon.py", ["--method", "sense"] + base_extra),
-        Method("l1_wavelet", "L1-wavelet", "baseline_recon.py", ["--method", "l1_wavelet"] + base_extra),
-        Method("bart_pics", "BART L1-wavelet", "baseline_recon.py", ["--method", "bart_pics"] + base_extra),
-        Method(
-            "ddim_project",
-            f"DDIM-{args.ddim_steps}, projection",
-            "image_sample.py",
-            ddim + ["--dc", "project"] + k_ddim + common,
-            diffusion=True,
-        ),
-        Method(
-            "ddim_replace",
-            f"DDIM-{args.ddim_steps}, replace",
-            "image_sample.py",
-            ddim + ["--dc", "replace"] + k_ddim + common,
-            diffusion=True,
-        ),
-        Method(
-            "ancestral_project",
-            f"Ancestral-{steps}, projection",
-            "image_sample.py",
-            ancestral + ["--dc", "project"] + k_ancestral + common,
-            diffusion=True,
-        ),
+        Method(m, label, "baseline_recon.py", ["--method", m] + base_extra) for m, label in BASELINES.items()
+    ]
+    # name -> (label, sampler flags, DC mode, K flags)
+    diffusion = {
+        "ddim_project": (f"DDIM-{args.ddim_steps}, projection", ddim, "project", k_ddim),
+        "ddim_replace": (f"DDIM-{args.ddim_steps}, replace", ddim, "replace", k_ddim),
+        "ancestral_project": (f"Ancestral-{steps}, projection", ancestral, "project", k_ancestral),
+    }
+    methods += [
+        Method(name, label, "image_sample.py", sampler + ["--dc", dc] + k + common, diffusion=True)
+        for name, (label, sampler, dc, k) in diffusion.items()
     ]
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(wanted) - set(ALL_METHODS))

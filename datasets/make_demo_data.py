@@ -101,32 +101,6 @@ def volume_layout(
     return layout
 
 
-def write_volume(
-    path: str,
-    vol: np.ndarray,
-    zs: Sequence[int],
-    *,
-    size: int,
-    noise: float,
-    seed: Sequence[int],
-    coil_maps: Optional[np.ndarray],
-    patient_id: str,
-    espirit_kwargs: Dict,
-) -> None:
-    """Simulate one volume (file) from template slices ``zs`` and write it atomically."""
-    write_slices(
-        path,
-        [vol[z] for z in zs],
-        size=size,
-        noise=noise,
-        seed=seed,
-        coil_maps=coil_maps,
-        patient_id=patient_id,
-        espirit_kwargs=espirit_kwargs,
-        attrs={"template_slices": np.asarray(zs, np.int32)},
-    )
-
-
 def write_slices(
     path: str,
     slices: Sequence[np.ndarray],
@@ -246,16 +220,16 @@ def build(
             for v, zs in enumerate(layout[split]):
                 name = f"demo_{kind}_{split}_{v:03d}.h5"
                 t = time.time()
-                write_volume(
+                write_slices(
                     os.path.join(folder, name),
-                    vol,
-                    zs,
+                    [vol[z] for z in zs],
                     size=size,
                     noise=noise,
                     seed=(seed, k_i, s_i, v),
                     coil_maps=maps if kind == "multicoil" else None,
                     patient_id=f"mni152_{kind}_{split}_{v:03d}",
                     espirit_kwargs=espirit_kwargs,
+                    attrs={"template_slices": np.asarray(zs, np.int32)},
                 )
                 manifest["files"][f"{kind}_{split}/{name}"] = zs
                 log(f"{kind}_{split}/{name}: template slices {zs[0]}..{zs[-1]} ({time.time() - t:.1f} s)")

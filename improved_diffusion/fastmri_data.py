@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from .augment import AugmentConfig, augment_image, sample_key
-from .io_util import BadFileError, first_line
+from .io_util import BadFileError, first_line, inspect_h5, kspace_dataset
 from .io_util import list_h5_files as _list_h5
 from .mri.coils import maps_problem
 from .mri.fftc import center_crop, complex_to_channels
@@ -91,53 +91,32 @@ def check_file(path: str, require_maps: bool = True, crop_size: CropSize = None)
     def bad(problem: str) -> BadFileError:
         return BadFileError(f"{path}: {problem}")
 
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise bad(f"not a readable HDF5 file (corrupt or truncated?): {first_line(err)}") from None
-    try:
-        with f:
-            if _KSPACE not in f:
-                raise bad(f"missing key '{_KSPACE}' (keys: {sorted(f.keys())})")
-            ksp = f[_KSPACE]
-            if not isinstance(ksp, h5py.Dataset) or ksp.dtype.kind != "c":
-                raise bad(f"'{_KSPACE}' must be a complex dataset, got {getattr(ksp, 'dtype', type(ksp))}")
-            if ksp.ndim not in (3, 4):
+    with inspect_h5(path) as f:
+        ksp = kspace_dataset(f, path, _KSPACE)
+        num_coils = ksp.shape[1] if ksp.ndim == 4 else 0
+        if num_coils and require_maps:
+            if _MAPS not in f:
+                raise bad(f"multi-coil file without '{_MAPS}': {PREPARE_HINT}")
+            maps = f[_MAPS]
+            if not isinstance(maps, h5py.Dataset) or maps.dtype.kind != "c":
+                raise bad(f"'{_MAPS}' must be a complex dataset, got {getattr(maps, 'dtype', type(maps))}")
+            if maps.shape != ksp.shape:
+                raise bad(f"'{_MAPS}' shape {maps.shape} does not match '{_KSPACE}' shape {ksp.shape}")
+        if "mask" in f:
+            mask = np.asarray(f["mask"][()])
+            if not np.isfinite(mask).all():
+                raise bad(f"'mask' holds {int((~np.isfinite(mask)).sum())} NaN or inf values")
+            if mask.size and not np.all(mask != 0):
                 raise bad(
-                    f"'{_KSPACE}' must be (slices, H, W) or (slices, coils, H, W), got shape {ksp.shape}"
+                    f"k-space is undersampled ('mask' samples {100 * np.mean(mask != 0):.0f}%); "
+                    "training needs fully sampled files"
                 )
-            if 0 in ksp.shape:
-                raise bad(f"'{_KSPACE}' is empty, shape {ksp.shape}")
-            num_coils = ksp.shape[1] if ksp.ndim == 4 else 0
-            if num_coils and require_maps:
-                if _MAPS not in f:
-                    raise bad(f"multi-coil file without '{_MAPS}': {PREPARE_HINT}")
-                maps = f[_MAPS]
-                if not isinstance(maps, h5py.Dataset) or maps.dtype.kind != "c":
-                    raise bad(
-                        f"'{_MAPS}' must be a complex dataset, got {getattr(maps, 'dtype', type(maps))}"
-                    )
-                if maps.shape != ksp.shape:
-                    raise bad(f"'{_MAPS}' shape {maps.shape} does not match '{_KSPACE}' shape {ksp.shape}")
-            if "mask" in f:
-                mask = np.asarray(f["mask"][()])
-                if not np.isfinite(mask).all():
-                    raise bad(f"'mask' holds {int((~np.isfinite(mask)).sum())} NaN or inf values")
-                if mask.size and not np.all(mask != 0):
-                    raise bad(
-                        f"k-space is undersampled ('mask' samples {100 * np.mean(mask != 0):.0f}%); "
-                        "training needs fully sampled files"
-                    )
-            shape = tuple(int(s) for s in ksp.shape[-2:])
-            if crop_size is not None:
-                ch, cw = _crop_pair(crop_size)
-                if ch > shape[0] or cw > shape[1]:
-                    raise bad(f"crop_size {(ch, cw)} is larger than the slices {shape}")
-            return FileInfo(path=path, num_slices=int(ksp.shape[0]), shape=shape, num_coils=int(num_coils))
-    except BadFileError:
-        raise
-    except (OSError, KeyError, RuntimeError, ValueError) as err:  # h5py's errors on damaged metadata
-        raise bad(f"unreadable: {first_line(err)}") from None
+        shape = tuple(int(s) for s in ksp.shape[-2:])
+        if crop_size is not None:
+            ch, cw = _crop_pair(crop_size)
+            if ch > shape[0] or cw > shape[1]:
+                raise bad(f"crop_size {(ch, cw)} is larger than the slices {shape}")
+        return FileInfo(path=path, num_slices=int(ksp.shape[0]), shape=shape, num_coils=int(num_coils))
 
 
 Report = Callable[[str], None]

@@ -1,4 +1,4 @@
-"""File plumbing shared by every module and script: one atomic writer, one h5 lister and opener.
+"""File plumbing shared by every module and script: one atomic writer; one h5 lister, opener and inspector.
 
 Every file this project writes (checkpoints, configs, logs' CSV rewrites, reconstructions, previews,
 metrics, demo data, benchmark results, the paper) goes through :func:`atomic_write`: the content is
@@ -9,7 +9,7 @@ kill leaves the old file or the complete new one, never a partial one, and reade
 import contextlib
 import os
 import tempfile
-from typing import Callable, List, Sequence, Union
+from typing import Callable, Iterator, List, Sequence, Union
 
 import h5py
 
@@ -120,3 +120,45 @@ def open_h5(path: str, mode: str = "r") -> h5py.File:
         return h5py.File(path, mode)
     except OSError as err:
         raise BadFileError(f"{path}: not a readable HDF5 file: {first_line(err)}") from None
+
+
+@contextlib.contextmanager
+def inspect_h5(path: str) -> Iterator[h5py.File]:
+    """``with inspect_h5(path) as f:`` validates a file: :func:`open_h5`, and h5py's errors on damaged
+    metadata met inside the block (OSError, KeyError, RuntimeError, ValueError) as one line.
+
+    Raises:
+        BadFileError: ``"<path>: not a readable HDF5 file: <reason>"``, ``"<path>: unreadable: <reason>"``,
+            or the block's own.
+    """
+    f = open_h5(path)
+    try:
+        with f:
+            yield f
+    except BadFileError:
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError) as err:
+        raise BadFileError(f"{path}: unreadable: {first_line(err)}") from None
+
+
+def kspace_dataset(f: h5py.File, path: str, key: str = "kspace") -> h5py.Dataset:
+    """The file's k-space, checked without reading it: present, complex, ``(slices, H, W)`` or
+    ``(slices, coils, H, W)``, not empty (training and reconstruction inputs alike).
+
+    Raises:
+        BadFileError: one line ``"<path>: <problem>"``.
+    """
+    if key not in f:
+        raise BadFileError(f"{path}: missing key '{key}' (keys: {sorted(f.keys())})")
+    ksp = f[key]
+    if not isinstance(ksp, h5py.Dataset) or ksp.dtype.kind != "c":
+        raise BadFileError(
+            f"{path}: '{key}' must be a complex dataset, got {getattr(ksp, 'dtype', type(ksp))}"
+        )
+    if ksp.ndim not in (3, 4):
+        raise BadFileError(
+            f"{path}: '{key}' must be (slices, H, W) or (slices, coils, H, W), got shape {ksp.shape}"
+        )
+    if 0 in ksp.shape:
+        raise BadFileError(f"{path}: '{key}' is empty, shape {ksp.shape}")
+    return ksp

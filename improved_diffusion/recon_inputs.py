@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import torch
 
-from .io_util import BadFileError, first_line, list_h5_files, open_h5
+from .io_util import BadFileError, first_line, inspect_h5, kspace_dataset, list_h5_files
 from .mri.fftc import center_crop
 from .mri.fov import output_crop, recon_matrix
 from .mri.subsample import MASK_TYPES, create_mask_for_mask_type, effective_acceleration, seed_from_fname
@@ -174,79 +174,67 @@ def open_volume(path: str, spec: MaskSpec) -> Volume:
     def bad(problem: str) -> BadFileError:
         return BadFileError(f"{path}: {problem}")
 
-    f = open_h5(path)
-    try:
-        with f:
-            if KSPACE_KEY not in f:
-                raise bad(f"missing key '{KSPACE_KEY}' (keys: {sorted(f.keys())})")
-            ksp = f[KSPACE_KEY]
-            if not isinstance(ksp, h5py.Dataset) or ksp.dtype.kind != "c":
-                raise bad(f"'{KSPACE_KEY}' must be a complex dataset, got {getattr(ksp, 'dtype', type(ksp))}")
-            if ksp.ndim not in (3, 4) or 0 in ksp.shape:
-                raise bad(f"'{KSPACE_KEY}' must be (slices, H, W) or (slices, coils, H, W), got {ksp.shape}")
-            num_coils = int(ksp.shape[1]) if ksp.ndim == 4 else 0
-            shape = (int(ksp.shape[-2]), int(ksp.shape[-1]))
-            has_maps = MAPS_KEY in f
-            if has_maps:
-                maps = f[MAPS_KEY]
-                if num_coils == 0:
-                    raise bad(f"'{MAPS_KEY}' given for single-coil k-space {ksp.shape}")
-                if maps.dtype.kind != "c" or maps.shape != ksp.shape:
-                    raise bad(
-                        f"'{MAPS_KEY}' {maps.shape} {maps.dtype} does not match '{KSPACE_KEY}' {ksp.shape} "
-                        "(complex maps, one per coil, are needed)"
-                    )
-            has_noise = NOISE_KEY in f
-            if has_noise:
-                noise = f[NOISE_KEY]
-                coils = max(num_coils, 1)
-                if (
-                    noise.dtype.kind != "c"
-                    or noise.ndim not in (1, 2)
-                    or (noise.ndim == 2 and noise.shape[1] != coils)
-                ):
-                    raise bad(
-                        f"'{NOISE_KEY}' {noise.shape} {noise.dtype} must be a complex noise scan "
-                        f"(samples, {coils})"
-                    )
-            if MASK_KEY in f:
-                mask, mask_type, num_low = _file_mask(np.asarray(f[MASK_KEY][()]), shape, bad), "file", None
-                acceleration = float(f.attrs.get("acceleration", effective_acceleration(mask, shape)))
-                if "num_low_frequency" in f.attrs:
-                    num_low = int(f.attrs["num_low_frequency"])
-            else:
-                seed = seed_from_fname(path) if spec.seed is None or spec.seed < 0 else int(spec.seed)
-                func = create_mask_for_mask_type(spec.mask_type, spec.center_fractions, spec.accelerations)
-                try:
-                    mask_t, num_low = func(tuple(ksp.shape), seed=seed)
-                except ValueError as err:
-                    raise bad(f"cannot build a {spec.mask_type} mask: {first_line(err)}") from None
-                mask = mask_t.numpy().astype(np.float32)
-                # Column masks come as (1, ..., 1, W), Poisson masks as (H, W).
-                mask = mask.reshape(shape) if mask.shape[-2:] == shape else mask.reshape(-1)
-                mask_type = spec.mask_type
-                # With several accelerations the mask function drew one; the effective value then stands in.
-                nominal = spec.accelerations[0] if len(spec.accelerations) == 1 else None
-                acceleration = float(nominal) if nominal else effective_acceleration(mask, shape)
-            target_key = TARGET_KEYS[num_coils > 0]
-            target_shape = shape
-            if target_key in f:
-                tgt = f[target_key]
-                if tgt.ndim != 3 or tgt.shape[0] != ksp.shape[0]:
-                    raise bad(f"target '{target_key}' {tgt.shape} does not match {ksp.shape[0]} slices")
-                try:
-                    target_shape = output_crop((int(tgt.shape[1]), int(tgt.shape[2])), shape)
-                except ValueError as err:
-                    raise bad(f"target '{target_key}': {err}") from None
-            else:
-                target_key = None
-            header_matrix = recon_matrix(f["ismrmrd_header"][()]) if "ismrmrd_header" in f else None
-            recon_rows = header_matrix[0] if header_matrix else (int(tgt.shape[1]) if target_key else None)
-            eff = effective_acceleration(mask, shape)
-    except BadFileError:
-        raise
-    except (OSError, KeyError, RuntimeError, ValueError) as err:
-        raise bad(f"unreadable: {first_line(err)}") from None
+    with inspect_h5(path) as f:
+        ksp = kspace_dataset(f, path, KSPACE_KEY)
+        num_coils = int(ksp.shape[1]) if ksp.ndim == 4 else 0
+        shape = (int(ksp.shape[-2]), int(ksp.shape[-1]))
+        has_maps = MAPS_KEY in f
+        if has_maps:
+            maps = f[MAPS_KEY]
+            if num_coils == 0:
+                raise bad(f"'{MAPS_KEY}' given for single-coil k-space {ksp.shape}")
+            if maps.dtype.kind != "c" or maps.shape != ksp.shape:
+                raise bad(
+                    f"'{MAPS_KEY}' {maps.shape} {maps.dtype} does not match '{KSPACE_KEY}' {ksp.shape} "
+                    "(complex maps, one per coil, are needed)"
+                )
+        has_noise = NOISE_KEY in f
+        if has_noise:
+            noise = f[NOISE_KEY]
+            coils = max(num_coils, 1)
+            if (
+                noise.dtype.kind != "c"
+                or noise.ndim not in (1, 2)
+                or (noise.ndim == 2 and noise.shape[1] != coils)
+            ):
+                raise bad(
+                    f"'{NOISE_KEY}' {noise.shape} {noise.dtype} must be a complex noise scan "
+                    f"(samples, {coils})"
+                )
+        if MASK_KEY in f:
+            mask, mask_type, num_low = _file_mask(np.asarray(f[MASK_KEY][()]), shape, bad), "file", None
+            acceleration = float(f.attrs.get("acceleration", effective_acceleration(mask, shape)))
+            if "num_low_frequency" in f.attrs:
+                num_low = int(f.attrs["num_low_frequency"])
+        else:
+            seed = seed_from_fname(path) if spec.seed is None or spec.seed < 0 else int(spec.seed)
+            func = create_mask_for_mask_type(spec.mask_type, spec.center_fractions, spec.accelerations)
+            try:
+                mask_t, num_low = func(tuple(ksp.shape), seed=seed)
+            except ValueError as err:
+                raise bad(f"cannot build a {spec.mask_type} mask: {first_line(err)}") from None
+            mask = mask_t.numpy().astype(np.float32)
+            # Column masks come as (1, ..., 1, W), Poisson masks as (H, W).
+            mask = mask.reshape(shape) if mask.shape[-2:] == shape else mask.reshape(-1)
+            mask_type = spec.mask_type
+            # With several accelerations the mask function drew one; the effective value then stands in.
+            nominal = spec.accelerations[0] if len(spec.accelerations) == 1 else None
+            acceleration = float(nominal) if nominal else effective_acceleration(mask, shape)
+        target_key = TARGET_KEYS[num_coils > 0]
+        target_shape = shape
+        if target_key in f:
+            tgt = f[target_key]
+            if tgt.ndim != 3 or tgt.shape[0] != ksp.shape[0]:
+                raise bad(f"target '{target_key}' {tgt.shape} does not match {ksp.shape[0]} slices")
+            try:
+                target_shape = output_crop((int(tgt.shape[1]), int(tgt.shape[2])), shape)
+            except ValueError as err:
+                raise bad(f"target '{target_key}': {err}") from None
+        else:
+            target_key = None
+        header_matrix = recon_matrix(f["ismrmrd_header"][()]) if "ismrmrd_header" in f else None
+        recon_rows = header_matrix[0] if header_matrix else (int(tgt.shape[1]) if target_key else None)
+        eff = effective_acceleration(mask, shape)
     return Volume(
         path=path,
         name=os.path.basename(path),

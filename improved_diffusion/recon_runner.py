@@ -178,6 +178,21 @@ def run_files(
     return result
 
 
+def run_flags(args: Any) -> Dict[str, Any]:
+    """The keywords of :func:`run_files` from the scripts' shared flags (:data:`RUN_FLAG_HELP`).
+
+    ``args.noise_std`` < 0 (the flag's "not given") becomes None.
+    """
+    return dict(
+        output_dir=args.output_dir,
+        overwrite=args.overwrite,
+        noise_std=args.noise_std if args.noise_std >= 0 else None,
+        png=args.png,
+        max_png_per_file=args.max_png_per_file,
+        progress=args.progress,
+    )
+
+
 def report_error(err: BaseException) -> int:
     """Print an input error as ``error: <line>`` lines on stderr (rank 0 only); the scripts' exit status 2."""
     if dist_util.is_main_process():

@@ -432,6 +432,25 @@ def str2bool(v: Any) -> bool:
     raise argparse.ArgumentTypeError(f"boolean value expected (true/false, yes/no, 1/0), got {v!r}")
 
 
+def parse_size(value: str, flag: str) -> Optional[Tuple[int, int]]:
+    """A size flag: ``""`` -> None, ``"128"`` -> (128, 128), ``"128,96"`` -> (128, 96) as (height, width).
+
+    Raises:
+        ValueError: one line naming ``flag`` (e.g. ``"--crop_size"``) when the value is not one or two
+            positive integers.
+    """
+    value = str(value).strip()
+    if not value:
+        return None
+    try:
+        parts = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {value!r}: expected an integer or 'height,width'") from None
+    if len(parts) not in (1, 2) or min(parts) <= 0:
+        raise ValueError(f"{flag} {value!r}: expected one or two positive integers")
+    return (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+
+
 def save_config(config: Dict[str, Any], log_dir: str) -> str:
     """Write ``config`` as ``<log_dir>/config.json`` atomically (:func:`io_util.atomic_write_text`).
 

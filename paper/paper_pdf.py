@@ -9,7 +9,7 @@ turns ``X`` and ``X_std`` into one ``mean ± std`` column).
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import matplotlib
 from fpdf import FPDF
@@ -63,32 +63,49 @@ def body_font(pdf: FPDF) -> None:
     pdf.set_font("Serif", "", 10)
 
 
-def render_table_recon(pdf: FPDF, res: Results) -> None:
-    """The reconstruction table: one row per setting x method, mean ± std over volumes."""
-    headings = ["Coil", "R", "Method", "NMSE", "PSNR (dB)", "SSIM", "NFE×K", "s/slice", "r(σ, |err|)"]
-    widths = [15, 7, 33, 25, 21, 21, 12, 12, 24]
-    pdf.set_font("Sans", "", 6.5)
+def _table(
+    pdf: FPDF,
+    widths: List[int],
+    headings: List[str],
+    cells: List[List[str]],
+    align: Union[str, Tuple[str, ...]],
+) -> None:
+    """One table in the paper's style: bold grey heading row, horizontal rules, then the cell rows.
+
+    ``align`` is one fpdf2 ``text_align`` for every column, or one per column.
+    """
     with pdf.table(
         col_widths=widths,
-        text_align=("LEFT", "CENTER", "LEFT", "CENTER", "CENTER", "CENTER", "CENTER", "CENTER", "CENTER"),
         headings_style=FontFace(emphasis="BOLD", fill_color=(230, 230, 230)),
         line_height=4,
         padding=0.8,
         borders_layout="HORIZONTAL_LINES",
-        first_row_as_headings=True,
+        text_align=align,
     ) as table:
         row = table.row()
         for h in headings:
             row.cell(h)
-        for r in res.recon_rows:
-            nfe = fmt_number(r["nfe"], 0) if r["nfe"] not in ("", "0") else "–"
-            k = fmt_number(r["num_samples"], 0) if r["num_samples"] not in ("", "0") else ""
-            corr = (
-                f"{fmt_number(r['std_err_corr_mean'], 2)} ± {fmt_number(r['std_err_corr_std'], 2)}"
-                if r["std_err_corr_mean"] not in ("", None)
-                else "–"
-            )
-            cells = [
+        for line in cells:
+            row = table.row()
+            for c in line:
+                row.cell(c)
+
+
+def render_table_recon(pdf: FPDF, res: Results) -> None:
+    """The reconstruction table: one row per setting x method, mean ± std over volumes."""
+    headings = ["Coil", "R", "Method", "NMSE", "PSNR (dB)", "SSIM", "NFE×K", "s/slice", "r(σ, |err|)"]
+    widths = [15, 7, 33, 25, 21, 21, 12, 12, 24]
+    rows = []
+    for r in res.recon_rows:
+        nfe = fmt_number(r["nfe"], 0) if r["nfe"] not in ("", "0") else "–"
+        k = fmt_number(r["num_samples"], 0) if r["num_samples"] not in ("", "0") else ""
+        corr = (
+            f"{fmt_number(r['std_err_corr_mean'], 2)} ± {fmt_number(r['std_err_corr_std'], 2)}"
+            if r["std_err_corr_mean"] not in ("", None)
+            else "–"
+        )
+        rows.append(
+            [
                 COIL_NAMES.get(r["coil"], r["coil"]),
                 f"{fmt_number(r['acceleration'], 0)}×",
                 r["label"],
@@ -99,9 +116,9 @@ def render_table_recon(pdf: FPDF, res: Results) -> None:
                 fmt_number(r["sec_per_slice"], 2),
                 corr,
             ]
-            row = table.row()
-            for c in cells:
-                row.cell(c)
+        )
+    pdf.set_font("Sans", "", 6.5)
+    _table(pdf, widths, headings, rows, ("LEFT", "CENTER", "LEFT") + ("CENTER",) * 6)
     body_font(pdf)
 
 
@@ -120,25 +137,6 @@ SPEED_HEADINGS = {
     "upstream_sec_per_step": ("Upstream s/step", 22),
     "speedup": ("Speed-up", 15),
 }
-
-
-def _table(pdf: FPDF, widths: List[int], headings: List[str], cells: List[List[str]], align: str) -> None:
-    """One table in the paper's style: bold grey heading row, horizontal rules, then the cell rows."""
-    with pdf.table(
-        col_widths=widths,
-        headings_style=FontFace(emphasis="BOLD", fill_color=(230, 230, 230)),
-        line_height=4,
-        padding=0.8,
-        borders_layout="HORIZONTAL_LINES",
-        text_align=align,
-    ) as table:
-        row = table.row()
-        for h in headings:
-            row.cell(h)
-        for line in cells:
-            row = table.row()
-            for c in line:
-                row.cell(c)
 
 
 def render_table_train_speed(pdf: FPDF, res: Results) -> None:

@@ -47,6 +47,7 @@ from improved_diffusion.recon_runner import (
     print_report,
     report_error,
     run_files,
+    run_flags,
 )
 from improved_diffusion.reconstruction import OPTION_HELP, ReconOptions
 from improved_diffusion.script_util import HelpFormatter, add_dict_to_argparser
@@ -241,18 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         }
         if args.method == "bart_pics":
             attrs.update(bart_version=bart.bart_version(), maps="file sens_maps, else bart ecalib -m1")
-        result = run_files(
-            paths,
-            spec,
-            args.output_dir,
-            reconstruct,
-            attrs,
-            overwrite=args.overwrite,
-            noise_std=args.noise_std if args.noise_std >= 0 else None,
-            png=args.png,
-            max_png_per_file=args.max_png_per_file,
-            progress=args.progress,
-        )
+        result = run_files(paths, spec, reconstruct=reconstruct, method_attrs=attrs, **run_flags(args))
     except (BadFileError, ValueError, FileNotFoundError) as err:
         return report_error(err)
     if dist_util.is_main_process():

@@ -34,6 +34,7 @@ from improved_diffusion.recon_runner import (
     print_report,
     report_error,
     run_files,
+    run_flags,
     seed_for_slice,
 )
 from improved_diffusion.reconstruction import (
@@ -264,18 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "num_virtual_coils": options.num_virtual_coils,
             "refine_maps": options.refine_maps,
         }
-        result = run_files(
-            paths,
-            spec,
-            args.output_dir,
-            reconstruct,
-            method_attrs,
-            overwrite=args.overwrite,
-            noise_std=args.noise_std if args.noise_std >= 0 else None,
-            png=args.png,
-            max_png_per_file=args.max_png_per_file,
-            progress=args.progress,
-        )
+        result = run_files(paths, spec, reconstruct=reconstruct, method_attrs=method_attrs, **run_flags(args))
     except (BadFileError, ValueError, FileNotFoundError) as err:
         return report_error(err)
     if dist_util.is_main_process():

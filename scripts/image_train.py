@@ -16,7 +16,7 @@ import json
 import os
 import random
 import sys
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from improved_diffusion.script_util import (
     downsampling_factor,
     load_config,
     model_and_diffusion_defaults,
+    parse_size,
     save_config,
     upstream_flag_notes,
 )
@@ -182,20 +183,6 @@ def index_training_files(args: argparse.Namespace, crop_size: Any, patch_size: i
     return files
 
 
-def parse_crop_size(value: str) -> Optional[Union[int, Tuple[int, int]]]:
-    """``""`` -> None, ``"128"`` -> 128, ``"128,96"`` -> (128, 96)."""
-    value = str(value).strip()
-    if not value:
-        return None
-    try:
-        parts = [int(v) for v in value.split(",")]
-    except ValueError:
-        raise ValueError(f"--crop_size {value!r}: expected an integer or 'height,width'") from None
-    if len(parts) not in (1, 2) or min(parts) <= 0:
-        raise ValueError(f"--crop_size {value!r}: expected one or two positive integers")
-    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
-
-
 def choose_log_dir(log_dir: str) -> str:
     """--log_dir, else OPENAI_LOGDIR, else a new temp folder; rank 0's choice is used by every rank."""
     chosen = None
@@ -285,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not args.data_dir:
         raise SystemExit("error: --data_dir is required (a folder of fastMRI-format .h5 files)")
     try:
-        crop_size = parse_crop_size(args.crop_size)
+        crop_size = parse_size(args.crop_size, "--crop_size")
         augment = augment_config(args)
         dist_util.setup_dist()
     except (ValueError, dist_util.LauncherError) as err:

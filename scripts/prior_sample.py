@@ -37,6 +37,7 @@ from improved_diffusion.script_util import (
     add_dict_to_argparser,
     check_model_flags,
     downsampling_factor,
+    parse_size,
 )
 
 
@@ -83,20 +84,6 @@ def create_argparser() -> argparse.ArgumentParser:
         parser, sample_defaults(), help_texts=SAMPLE_HELP, choices={"device": ("auto", "cpu", "cuda")}
     )
     return parser
-
-
-def parse_sample_size(value: str, image_size: int) -> Tuple[int, int]:
-    """``""`` -> (image_size, image_size); ``"96"`` -> (96, 96); ``"96,64"`` -> (96, 64)."""
-    value = str(value).strip()
-    if not value:
-        return int(image_size), int(image_size)
-    try:
-        parts = [int(v) for v in value.split(",")]
-    except ValueError:
-        raise ValueError(f"--sample_size {value!r}: expected an integer or 'height,width'") from None
-    if len(parts) not in (1, 2) or min(parts) <= 0:
-        raise ValueError(f"--sample_size {value!r}: expected one or two positive integers")
-    return (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
 
 
 def pick_device(name: str) -> torch.device:
@@ -189,7 +176,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device = pick_device(args.device)
         model, diffusion, config = load_model(args.model_path, args.timestep_respacing, device)
         check_model_flags(unknown, config, args.model_path)  # model flags: only ones that agree
-        shape = parse_sample_size(args.sample_size, config["image_size"])
+        size = int(config["image_size"])
+        shape = parse_size(args.sample_size, "--sample_size") or (size, size)
         factor = downsampling_factor(config)
         if shape[0] % factor or shape[1] % factor:
             raise ValueError(f"--sample_size {shape}: both sides must be multiples of {factor} for this UNet")

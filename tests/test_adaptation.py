@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_reconstruction import tiny_model_and_diffusion
+from test_reconstruction import tiny_recon_model
 
 from improved_diffusion.adaptation import adapted_prior, data_loss, select_parameters
 from improved_diffusion.data_consistency import MeasurementOperator
@@ -13,7 +13,7 @@ H = W = 16
 
 
 def _tiny():
-    model, diffusion = tiny_model_and_diffusion()
+    model, diffusion = tiny_recon_model()
     with torch.no_grad():  # a trained network has no zero-initialized output layer (which blocks gradients)
         for p in model.parameters():
             if not p.any():

@@ -5,16 +5,15 @@ import os
 import subprocess
 import sys
 
-import h5py
 import numpy as np
 import pytest
 import torch
+from tiny import REPO, TINY_FLAGS, random_volume, script_env
 
 from improved_diffusion import augment as A
 from improved_diffusion.fastmri_data import FastMRISliceDataset, index_data, load_data
 from improved_diffusion.mri.fftc import channels_to_complex, complex_to_channels
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = A.AugmentConfig(probabilities=tuple((n, 1.0) for n in A.AUGMENTATIONS))
 
 
@@ -135,19 +134,9 @@ def test_noise_level_and_patches():
         A.random_patch(x, 11, np.random.default_rng(0))
 
 
-def _volume(path, slices=3, size=16, seed=0):
-    rng = np.random.default_rng(seed)
-    k = (rng.standard_normal((slices, size, size)) + 1j * rng.standard_normal((slices, size, size))).astype(
-        np.complex64
-    )
-    with h5py.File(path, "w") as f:
-        f["kspace"] = k
-    return str(path)
-
-
 def test_loader_patches_and_determinism_over_workers(tmp_path):
-    _volume(tmp_path / "a.h5", size=16)
-    _volume(tmp_path / "b.h5", size=20, seed=1)  # mixed sizes batch fine as patches
+    random_volume(tmp_path / "a.h5", slices=3, size=16)
+    random_volume(tmp_path / "b.h5", slices=3, size=20, seed=1)  # mixed sizes batch fine as patches
     cfg = A.AugmentConfig(probabilities=A.parse_augment("all"), patch_size=8, seed=5)
     # a fixed order: the shuffled order of later passes depends on persistent workers (torch draws one
     # seed from the generator per pass without them), the augmentation of (pass, slice) does not
@@ -174,21 +163,15 @@ def test_loader_patches_and_determinism_over_workers(tmp_path):
 def test_image_train_records_the_flags_in_config_json(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    _volume(data / "a.h5", slices=4, size=16)
+    random_volume(data / "a.h5", slices=4, size=16)
     log_dir = tmp_path / "log"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "OPENAI_LOGDIR")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    env = script_env()
     base = [
         sys.executable,
         os.path.join(REPO, "scripts", "image_train.py"),
         f"--data_dir={data}",
         f"--log_dir={log_dir}",
-        "--image_size=16",
-        "--num_channels=8",
-        "--num_res_blocks=1",
-        "--attention_resolutions=",
-        "--channel_mult=1,2",
-        "--diffusion_steps=20",
+        *TINY_FLAGS,
         "--batch_size=2",
         "--max_steps=1",
     ]

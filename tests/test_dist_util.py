@@ -8,25 +8,11 @@ import types
 
 import pytest
 import torch
+from tiny import LAUNCH_VARS, TORCHRUN_2, script_env
 
 from improved_diffusion import dist_util
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-LAUNCH_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "PMI_RANK",
-    "PMI_SIZE",
-    "OMPI_COMM_WORLD_RANK",
-    "PMIX_RANK",
-)
-
-
-def _plain_env():
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith(("PMI", "OMPI"))}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 @pytest.mark.parametrize(
@@ -61,7 +47,7 @@ def test_plain_process_needs_no_mpi_and_no_group():
         """
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], env=_plain_env(), capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code], env=script_env(), capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
@@ -169,7 +155,7 @@ def test_two_ranks_under_mpiexec(tmp_path):
     ckpt = str(tmp_path / "ckpt.pt")
     torch.save({"w": torch.arange(5.0)}, ckpt)
     cmd = [MPIEXEC, "-n", "2", sys.executable, str(script), ckpt, "mpi"]
-    out = subprocess.run(cmd, env=_plain_env(), capture_output=True, text=True, timeout=60)
+    out = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "rank 0 ok" in out.stdout and "rank 1 ok" in out.stdout
 
@@ -179,16 +165,7 @@ def test_two_ranks_under_torchrun(tmp_path):
     script.write_text(TWO_RANK_SCRIPT)
     ckpt = str(tmp_path / "ckpt.pt")
     torch.save({"w": torch.arange(5.0)}, ckpt)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        str(script),
-        ckpt,
-        "torchrun",
-    ]
-    out = subprocess.run(cmd, env=_plain_env(), capture_output=True, text=True, timeout=60)
+    cmd = [*TORCHRUN_2, str(script), ckpt, "torchrun"]
+    out = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "rank 0 ok" in out.stdout and "rank 1 ok" in out.stdout

@@ -9,8 +9,8 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from tiny import REPO, TINY_FLAGS, TORCHRUN_2, script_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 MPIEXEC = os.path.join(BIN, "mpiexec")
 STEPS = 3
@@ -29,11 +29,7 @@ def data_dir(tmp_path_factory):
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI", "OMPI", "PMIX"))}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OPENAI_LOGDIR"):
-        env.pop(var, None)
-    env.update(OMP_NUM_THREADS="1", IMPROVED_DIFFUSION_RANK_REPORT="1")
-    return env
+    return script_env(IMPROVED_DIFFUSION_RANK_REPORT="1")  # each rank writes its rank_report_<rank>.json
 
 
 def _train_args(data_dir, log_dir):
@@ -41,12 +37,7 @@ def _train_args(data_dir, log_dir):
         os.path.join(REPO, "scripts", "image_train.py"),
         f"--data_dir={data_dir}",
         f"--log_dir={log_dir}",
-        "--image_size=16",
-        "--num_channels=8",
-        "--num_res_blocks=1",
-        "--attention_resolutions=",
-        "--channel_mult=1,2",
-        "--diffusion_steps=20",
+        *TINY_FLAGS,
         "--batch_size=1",
         "--log_interval=1",
         f"--max_steps={STEPS}",
@@ -84,14 +75,7 @@ def test_mpiexec_two_ranks(data_dir, tmp_path):
 
 def test_torchrun_two_ranks(data_dir, tmp_path):
     log_dir = tmp_path / "torchrun"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        *_train_args(data_dir, log_dir),
-    ]
+    cmd = [*TORCHRUN_2, *_train_args(data_dir, log_dir)]
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "launcher: torchrun, world size 2" in out.stdout

@@ -7,60 +7,22 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from tiny import REPO, TINY_FLAGS, TORCHRUN_2, random_volume, script_env
 
 from improved_diffusion.checkpoint import list_complete_checkpoints
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "image_train.py")
-TINY = [
-    "--image_size=16",
-    "--num_channels=8",
-    "--num_res_blocks=1",
-    "--attention_resolutions=",
-    "--num_heads=1",
-    "--diffusion_steps=20",
-    "--channel_mult=1,2",
-    "--batch_size=2",
-    "--log_interval=1",
-]
-LAUNCH_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "PMI_RANK",
-    "PMI_SIZE",
-    "OMPI_COMM_WORLD_RANK",
-    "PMIX_RANK",
-)
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS + ("OPENAI_LOGDIR",)}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+TINY = TINY_FLAGS + ["--batch_size=2", "--log_interval=1"]
 
 
 def train(data_dir, log_dir, *extra, timeout=180):
     cmd = [sys.executable, SCRIPT, f"--data_dir={data_dir}", f"--log_dir={log_dir}", *TINY, *extra]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def write_volume(path, slices=4, size=16, coils=0, seed=0):
-    """Random k-space (single-coil, or multi-coil with unit-norm constant maps)."""
-    rng = np.random.default_rng(seed)
-    shape = (slices, coils, size, size) if coils else (slices, size, size)
-    k = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
-    with h5py.File(path, "w") as f:
-        f["kspace"] = k
-        if coils:
-            f["sens_maps"] = np.full(shape, 1 / np.sqrt(coils), np.complex64)
-    return str(path)
+    return subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def header_bad_files(d):
     """Files the index pass refuses: name -> expected fragment of its line."""
-    good = write_volume(d / "good.h5")
+    good = random_volume(d / "good.h5")
     data = open(good, "rb").read()
     (d / "truncated.h5").write_bytes(data[: len(data) // 2])
     (d / "not_hdf5.h5").write_bytes(b"this is not hdf5 at all " * 40)
@@ -84,7 +46,7 @@ def value_bad_files(d):
         "zero_kspace.h5": (0, "'kspace' is all zero"),
     }
     for name, (slice_idx, _) in cases.items():
-        path = write_volume(d / name, coils=2 if name == "inf_sens_maps.h5" else 0, seed=len(name))
+        path = random_volume(d / name, coils=2 if name == "inf_sens_maps.h5" else 0, seed=len(name))
         with h5py.File(path, "r+") as f:
             if name == "nan_kspace.h5":
                 f["kspace"][slice_idx, 3, 3:5] = np.nan
@@ -137,7 +99,7 @@ def test_skip_mode_skips_bad_files_and_trains(tmp_path):
 def test_bad_values_stop_training_with_one_line(tmp_path, name):
     data, log = tmp_path / "data", tmp_path / "log"
     data.mkdir()
-    write_volume(data / "good.h5")
+    random_volume(data / "good.h5")
     slice_idx, fragment = value_bad_files(data)[name]
     for other in {"nan_kspace.h5", "inf_sens_maps.h5", "zero_kspace.h5"} - {name}:
         os.remove(data / other)
@@ -156,7 +118,7 @@ def test_bad_values_stop_training_with_one_line(tmp_path, name):
 def test_bad_values_skip_mode_reports_each_file_once_and_trains(tmp_path):
     data, log = tmp_path / "data", tmp_path / "log"
     data.mkdir()
-    write_volume(data / "good.h5")
+    random_volume(data / "good.h5")
     cases = value_bad_files(data)
     out = train(data, log, "--max_steps=12", "--on_bad_file=skip", "--save_interval=100")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -172,12 +134,12 @@ def test_bad_values_skip_mode_reports_each_file_once_and_trains(tmp_path):
 def test_bad_file_on_another_rank_stops_every_rank(tmp_path):
     data, log = tmp_path / "data", tmp_path / "log"
     data.mkdir()
-    write_volume(data / "a_good.h5")
+    random_volume(data / "a_good.h5")
     (data / "b_bad.h5").write_bytes(b"not hdf5 " * 100)  # files[1::2]: rank 1's
-    write_volume(data / "c_good.h5", seed=1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", SCRIPT]
+    random_volume(data / "c_good.h5", seed=1)
+    cmd = [*TORCHRUN_2, SCRIPT]
     cmd += [f"--data_dir={data}", f"--log_dir={log}", *TINY, "--max_steps=1"]
-    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {data / 'b_bad.h5'}: not a readable HDF5"), (

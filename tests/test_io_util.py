@@ -1,4 +1,4 @@
-"""io_util: the atomic writer keeps the old file or the whole new one; the h5 lister and opener."""
+"""io_util: the atomic writer keeps the old file or the whole new one; the h5 lister, opener and inspector."""
 
 import os
 import stat
@@ -11,6 +11,8 @@ from improved_diffusion.io_util import (
     BadFileError,
     atomic_write,
     atomic_write_text,
+    inspect_h5,
+    kspace_dataset,
     list_h5_files,
     open_h5,
 )
@@ -64,3 +66,29 @@ def test_list_h5_files_and_open_h5_errors(tmp_path):
         list_h5_files(str(tmp_path / "nothing"))
     with pytest.raises(BadFileError, match=r"b.h5: not a readable HDF5 file: "):
         open_h5(str(tmp_path / "b.h5"))
+
+
+def test_inspect_h5_and_kspace_dataset_give_one_line_per_problem(tmp_path):
+    path = str(tmp_path / "x.h5")
+    with h5py.File(path, "w") as f:
+        f["kspace"] = np.zeros((2, 4, 4), np.complex64)
+        f["real"] = np.zeros((2, 4, 4), np.float32)
+        f["flat"] = np.zeros((4, 4), np.complex64)
+        f["empty"] = np.zeros((0, 4, 4), np.complex64)
+    with inspect_h5(path) as f:
+        assert kspace_dataset(f, path).shape == (2, 4, 4)
+        for key, problem in (
+            ("nope", "missing key 'nope' (keys: ['empty', 'flat', 'kspace', 'real'])"),
+            ("real", "'real' must be a complex dataset, got float32"),
+            ("flat", "'flat' must be (slices, H, W) or (slices, coils, H, W), got shape (4, 4)"),
+            ("empty", "'empty' is empty, shape (0, 4, 4)"),
+        ):
+            with pytest.raises(BadFileError) as err:
+                kspace_dataset(f, path, key)
+            assert str(err.value) == f"{path}: {problem}"
+    with pytest.raises(BadFileError, match=r"^.*x.h5: unreadable: 'damaged'$"):
+        with inspect_h5(path):
+            raise KeyError("damaged")  # as h5py raises on damaged metadata
+    with pytest.raises(BadFileError, match=r"x.h5: the block's own line$"):
+        with inspect_h5(path):
+            raise BadFileError(f"{path}: the block's own line")

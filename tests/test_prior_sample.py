@@ -6,14 +6,8 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-
-from improved_diffusion.script_util import (
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    save_config,
-)
+from tiny import write_checkpoint
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "prior_sample.py")
 spec = importlib.util.spec_from_file_location("prior_sample", SCRIPT)
@@ -24,22 +18,7 @@ spec.loader.exec_module(prior_sample)
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("run")
-    config = model_and_diffusion_defaults()
-    config.update(
-        image_size=16,
-        num_channels=8,
-        num_res_blocks=1,
-        num_heads=1,
-        attention_resolutions="",
-        diffusion_steps=20,
-        channel_mult="1,2",
-    )
-    torch.manual_seed(0)
-    model, _ = create_model_and_diffusion(**config)
-    path = log_dir / "ema_0.9999_000010.pt"
-    torch.save(model.state_dict(), path)
-    save_config({**config, "lr": 1e-4, "augment": "none"}, str(log_dir))
-    return str(path)
+    return write_checkpoint(str(log_dir), {"lr": 1e-4, "augment": "none"}, name="ema_0.9999_000010.pt")
 
 
 def run(tiny_model, out, *extra):

@@ -7,16 +7,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from tiny import coil_maps, phantom, write_checkpoint
 
 from improved_diffusion.evaluation import read_volume
 from improved_diffusion.mri.fftc import fft2c, ifft2c
 from improved_diffusion.mri.fov import crop_rows, readout_crop
 from improved_diffusion.mri.subsample import create_mask_for_mask_type, seed_from_fname
-from improved_diffusion.script_util import (
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    save_config,
-)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_SCAN = os.path.join(ROOT, "..", "shared", "data", "real_brain_8coil_poisson.h5")
@@ -35,35 +31,21 @@ def _script(name):
 image_sample, baseline_recon, evaluate = (_script(n) for n in ("image_sample", "baseline_recon", "evaluate"))
 
 
-def _phantom(scale=1.0):
-    yy, xx = np.mgrid[:H, :W].astype(np.float32)
-    inside = ((yy - H / 2) / (0.35 * H)) ** 2 + ((xx - W / 2) / (0.4 * W)) ** 2 < 1
-    return (scale * inside * (1 + 0.5 * np.cos(xx / 3)) * np.exp(0.4j * xx / W)).astype(np.complex64)
-
-
-def _maps():
-    yy, xx = np.mgrid[:H, :W].astype(np.float32)
-    maps = np.stack(
-        [np.exp(-((yy - H * (c % 2)) ** 2 + (xx - W * (c // 2)) ** 2) / 300 + 0.2j * c) for c in range(COILS)]
-    )
-    return (maps / np.sqrt((np.abs(maps) ** 2).sum(0))).astype(np.complex64)
-
-
 def _crop(x):
     top, left = (H - CROP[0]) // 2, (W - CROP[1]) // 2
     return x[..., top : top + CROP[0], left : left + CROP[1]]
 
 
 def write_single_coil(path):
-    img = np.stack([_phantom(1.0), _phantom(0.7)])
+    img = np.stack([phantom(H, W, 1.0), phantom(H, W, 0.7)])
     with h5py.File(path, "w") as f:
         f["kspace"] = fft2c(torch.from_numpy(img)).numpy()
         f["reconstruction_esc"] = _crop(np.abs(img)).astype(np.float32)
 
 
 def write_multi_coil(path, with_maps=True, mask=None, target=True):
-    img = np.stack([_phantom(1.0), _phantom(0.8)])
-    maps = _maps()
+    img = np.stack([phantom(H, W, 1.0), phantom(H, W, 0.8)])
+    maps = coil_maps(COILS, H, W)
     kspace = fft2c(torch.from_numpy(maps[None] * img[:, None])).numpy()
     with h5py.File(path, "w") as f:
         # a mask of the wrong length (the bad-input case) is stored as it is, not applied
@@ -77,18 +59,6 @@ def write_multi_coil(path, with_maps=True, mask=None, target=True):
             f["reconstruction_rss"] = _crop(np.sqrt((np.abs(maps[None] * img[:, None]) ** 2).sum(1))).astype(
                 np.float32
             )
-
-
-def write_checkpoint(folder, **overrides):
-    cfg = model_and_diffusion_defaults()
-    cfg.update(image_size=16, num_channels=8, num_res_blocks=1, attention_resolutions="", diffusion_steps=20)
-    cfg.update(channel_mult="1,2", num_heads=1, **overrides)
-    torch.manual_seed(0)
-    model, _ = create_model_and_diffusion(**cfg)
-    save_config(cfg, str(folder))
-    path = os.path.join(str(folder), "model000000.pt")
-    torch.save(model.state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

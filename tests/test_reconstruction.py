@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from tiny import coil_maps, phantom, tiny_model_and_diffusion
 
 from improved_diffusion.mri.fftc import complex_to_channels, fft2c
 from improved_diffusion.reconstruction import (
@@ -11,39 +12,10 @@ from improved_diffusion.reconstruction import (
     reconstruct_slice,
     resolve_start_step,
 )
-from improved_diffusion.script_util import (
-    create_gaussian_diffusion,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-)
+from improved_diffusion.script_util import create_gaussian_diffusion
 from improved_diffusion.transforms import scale_from_kspace
 
 H, W, COILS = 16, 20, 3
-
-
-def _phantom(h=H, w=W):
-    """A smooth complex ellipse with a phase ramp (normalized magnitudes stay well inside [-1, 1])."""
-    yy, xx = torch.meshgrid(
-        torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
-    )
-    inside = ((yy - h / 2) / (0.35 * h)) ** 2 + ((xx - w / 2) / (0.4 * w)) ** 2 < 1
-    mag = inside.float() * (1.0 + 0.5 * torch.cos(xx / 3.0))
-    return torch.polar(mag, 0.4 * xx / w).to(torch.complex64)
-
-
-def _maps(coils=COILS, h=H, w=W):
-    yy, xx = torch.meshgrid(
-        torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
-    )
-    maps = torch.stack(
-        [
-            torch.polar(
-                torch.exp(-((yy - h * (c % 2)) ** 2 + (xx - w * (c // 2)) ** 2) / 300.0), 0.2 * c + 0 * xx
-            )
-            for c in range(coils)
-        ]
-    ).to(torch.complex64)
-    return maps / torch.sqrt((maps.abs() ** 2).sum(0, keepdim=True))
 
 
 def _mask(w=W):
@@ -54,9 +26,9 @@ def _mask(w=W):
 
 
 def _data(multicoil, full=False):
-    x = _phantom()
+    x = torch.from_numpy(phantom(H, W))
     mask = torch.ones(W) if full else _mask()
-    maps = _maps() if multicoil else None
+    maps = torch.from_numpy(coil_maps(COILS, H, W)) if multicoil else None
     kspace = mask * (fft2c(maps * x) if multicoil else fft2c(x))
     return x, kspace, mask, maps
 
@@ -77,27 +49,15 @@ def _oracle_diffusion(respacing="5"):
     )
 
 
-def tiny_model_and_diffusion():
-    """A 16x16 UNet (seeded) on a 20-step diffusion respaced to 4 steps, in eval mode."""
-    cfg = model_and_diffusion_defaults()
-    cfg.update(
-        image_size=16,
-        num_channels=8,
-        num_res_blocks=1,
-        attention_resolutions="",
-        diffusion_steps=20,
-        channel_mult="1,2",
-        num_heads=1,
-        timestep_respacing="4",
-    )
-    torch.manual_seed(0)
-    model, diffusion = create_model_and_diffusion(**cfg)
+def tiny_recon_model():
+    """The tiny UNet (seeded) on its 20-step diffusion respaced to 4 steps, in eval mode."""
+    model, diffusion = tiny_model_and_diffusion(timestep_respacing="4")
     return model.eval(), diffusion
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    return tiny_model_and_diffusion()
+    return tiny_recon_model()
 
 
 @pytest.mark.parametrize("multicoil", [False, True])

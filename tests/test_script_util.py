@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from tiny import tiny_config
 
 from improved_diffusion import gaussian_diffusion as gd
 from improved_diffusion.respace import SpacedDiffusion
@@ -24,6 +25,7 @@ from improved_diffusion.script_util import (
     load_config,
     model_and_diffusion_defaults,
     model_options_from_config,
+    parse_size,
     save_config,
     str2bool,
     upstream_flag_notes,
@@ -53,19 +55,12 @@ UPSTREAM_KEYS = {
 }
 
 
+# the tests' tiny model with attention (2 heads at 8x8) and 50 steps
+TINY_WITH_ATTENTION = dict(num_channels=16, num_heads=2, attention_resolutions="8", diffusion_steps=50)
+
+
 def _tiny(**overrides):
-    cfg = model_and_diffusion_defaults()
-    cfg.update(
-        image_size=16,
-        num_channels=16,
-        num_res_blocks=1,
-        num_heads=2,
-        attention_resolutions="8",
-        diffusion_steps=50,
-        channel_mult="1,2",
-    )
-    cfg.update(overrides)
-    return cfg
+    return tiny_config(**{**TINY_WITH_ATTENTION, **overrides})
 
 
 def test_defaults_keys_and_mri_values():
@@ -199,6 +194,15 @@ def test_upstream_flags_are_accepted_with_a_note():
     assert "torch.amp.GradScaler" in notes[0] and "\n" not in notes[0]
     assert notes[1] == "note: --old_switch is ignored: it does nothing here"
     assert upstream_flag_notes(vars(args), UPSTREAM_TRAIN_FLAGS) == notes[:1]
+
+
+def test_parse_size():
+    assert parse_size("", "--crop_size") is None and parse_size(" ", "--crop_size") is None
+    assert parse_size("128", "--crop_size") == (128, 128)
+    assert parse_size(" 96,64 ", "--sample_size") == (96, 64)
+    for bad, problem in (("a", "an integer or 'height,width'"), ("0", "positive"), ("1,2,3", "one or two")):
+        with pytest.raises(ValueError, match=f"^--sample_size '{bad}': expected .*{problem}"):
+            parse_size(bad, "--sample_size")
 
 
 def test_save_and_load_config(tmp_path):

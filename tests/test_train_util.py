@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_FLAGS, TINY_MODEL, script_env, tiny_model_and_diffusion
 
 from improved_diffusion import logger, train_util
 from improved_diffusion.checkpoint import (
@@ -22,20 +23,9 @@ from improved_diffusion.checkpoint import (
     list_complete_checkpoints,
 )
 from improved_diffusion.resample import create_named_schedule_sampler
-from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from improved_diffusion.train_util import NonFiniteLossError, TrainLoop, resolve_precision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(
-    image_size=16,
-    num_channels=8,
-    num_res_blocks=1,
-    attention_resolutions="",
-    num_heads=1,
-    diffusion_steps=20,
-    channel_mult="1,2",
-)
-TINY_FLAGS = [f"--{k}={v}" for k, v in TINY.items()]
 N = 3  # steps per half in the resume test
 BATCH = 2
 
@@ -49,20 +39,13 @@ def _quiet_logger(tmp_path):
     logger.Logger.CURRENT = previous
 
 
-def make_model_and_diffusion(seed=0):
-    torch.manual_seed(seed)
-    config = model_and_diffusion_defaults()
-    config.update(TINY)
-    return create_model_and_diffusion(**config)
-
-
 def fixed_batches(n, seed=123):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(BATCH, 2, 16, 16, generator=g), {"fname": ["x"] * BATCH}) for _ in range(n)]
 
 
 def make_loop(log_dir, data, seed=0, **kw):
-    model, diffusion = make_model_and_diffusion(seed)
+    model, diffusion = tiny_model_and_diffusion(seed)
     args = dict(
         model=model,
         diffusion=diffusion,
@@ -307,7 +290,7 @@ class NaNAfter(torch.nn.Module):
 
 
 def test_nan_steps_are_skipped_and_stop_after_max(tmp_path):
-    model, diffusion = make_model_and_diffusion()
+    model, diffusion = tiny_model_and_diffusion()
     wrapped = NaNAfter(model)
     loop = TrainLoop(
         model=wrapped,
@@ -414,27 +397,12 @@ def _train_cmd(data_dir, log_dir, *extra):
     ]
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for var in (
-        "RANK",
-        "WORLD_SIZE",
-        "PMI_RANK",
-        "PMI_SIZE",
-        "OMPI_COMM_WORLD_RANK",
-        "PMIX_RANK",
-        "OPENAI_LOGDIR",
-    ):
-        env.pop(var, None)
-    return env
-
-
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     data_dir, log_dir = tmp_path / "data", tmp_path / "log"
     write_tiny_dataset(data_dir)
     proc = subprocess.Popen(
         _train_cmd(data_dir, log_dir, "--max_steps=100000", "--save_interval=100000", "--ema_rate=0.99,0.9"),
-        env=_env(),
+        env=script_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -468,13 +436,13 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
         "data_dir",
     ):
         assert key in config, key
-    assert config["num_channels"] == TINY["num_channels"] and config["log_dir"] == str(log_dir)
+    assert config["num_channels"] == TINY_MODEL["num_channels"] and config["log_dir"] == str(log_dir)
 
     # Resuming from the log directory continues from that step.
     step = sets[0].step
     out = subprocess.run(
         _train_cmd(data_dir, log_dir, f"--max_steps={step + 1}", f"--resume_checkpoint={log_dir}"),
-        env=_env(),
+        env=script_env(),
         capture_output=True,
         text=True,
         timeout=120,
