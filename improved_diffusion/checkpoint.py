@@ -12,16 +12,18 @@ uses the newest complete set (:func:`find_resume_checkpoint`). RNG states are ke
 tensors, so checkpoints load with ``weights_only=True``.
 """
 
+import contextlib
 import errno
 import os
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from . import logger
 from .io_util import atomic_write
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -154,6 +156,74 @@ def atomic_torch_save(obj: Any, path: str) -> None:
             torch.save(obj, f)
 
     atomic_write(path, write, fsync=True)
+
+
+def write_checkpoint_set(
+    log_dir: str, step: int, files: Sequence[Tuple[str, Callable[[], Any]]], ema_rates: Sequence[float] = ()
+) -> None:
+    """Write one set: ``files`` are ``(path, make_state)`` in writing order (the opt file last), each atomic.
+
+    Raises:
+        CheckpointSaveError: a file could not be written (one line naming it, whether the disk is full, and
+            the newest complete set). All files of this step are removed first: saves happen only at steps
+            not saved before, so they all belong to the failed set (a crash instead leaves them, and resuming
+            ignores the set because its opt file is missing).
+    """
+    os.makedirs(log_dir, exist_ok=True)
+    logger.log(f"saving checkpoint set {step:06d} to {log_dir}")
+    for path, make_state in files:
+        try:
+            atomic_torch_save(make_state(), path)
+        except Exception as err:
+            for other, _ in files:
+                with contextlib.suppress(OSError):
+                    os.remove(other)
+            raise CheckpointSaveError(_save_failure(log_dir, step, ema_rates, path, err)) from err
+
+
+def _save_failure(log_dir: str, step: int, ema_rates: Sequence[float], path: str, err: BaseException) -> str:
+    """The one-line message for a checkpoint set that could not be written at ``path``."""
+    full = is_disk_full(err)
+    what = "no space left on the device" if full else f"{type(err).__name__}: {err}"
+    try:
+        sets = list_complete_checkpoints(log_dir, ema_rates)
+    except OSError:
+        sets = []
+    previous = (
+        f"the newest complete set is {sets[-1].step:06d} ({sets[-1].model})" if sets else "no complete set"
+    )
+    return (
+        f"cannot write checkpoint {path}: {what}; removed the incomplete set {step:06d}, "
+        f"{previous}. {'Free space' if full else 'Fix that'}, then resume with --resume_checkpoint {log_dir}"
+    ).replace("\n", " ")
+
+
+def sampler_state(sampler: Any) -> Optional[Dict[str, torch.Tensor]]:
+    """The loss history of a loss-aware schedule sampler (None for stateless samplers such as uniform)."""
+    if hasattr(sampler, "state_dict"):
+        return sampler.state_dict()
+    if hasattr(sampler, "_loss_history") and hasattr(sampler, "_loss_counts"):
+        return {
+            "loss_history": torch.from_numpy(np.array(sampler._loss_history, dtype=np.float64)),
+            "loss_counts": torch.from_numpy(np.array(sampler._loss_counts, dtype=np.int64)),
+        }
+    return None
+
+
+def load_sampler_state(sampler: Any, state: Optional[Dict[str, torch.Tensor]]) -> None:
+    """Inverse of :func:`sampler_state`; a state that does not fit (other sampler or steps) is ignored."""
+    if state is None:
+        return
+    if hasattr(sampler, "load_state_dict"):
+        sampler.load_state_dict(state)
+    elif (
+        hasattr(sampler, "_loss_history")
+        and tuple(state["loss_history"].shape) == sampler._loss_history.shape
+    ):
+        sampler._loss_history[...] = state["loss_history"].numpy()
+        sampler._loss_counts[...] = state["loss_counts"].numpy()
+    else:
+        logger.warn("the checkpoint's schedule-sampler state does not fit this sampler; it starts afresh")
 
 
 # ----------------------------------------------------------------------------------------------------------

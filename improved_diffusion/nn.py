@@ -5,6 +5,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 
@@ -13,6 +14,29 @@ class GroupNorm32(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.float()).type(x.dtype)
+
+    def forward_film(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """``self(x) * (1 + scale) + shift`` (FiLM) in a single normalization pass.
+
+        Per sample, FiLM is an affine map per channel, so it folds into the GroupNorm's affine: the batch is
+        normalized as one sample with ``B * num_groups`` groups (the same groups and statistics) whose
+        per-(sample, channel) weight and bias are ``weight * (1 + scale)`` and ``bias * (1 + scale) + shift``.
+        That saves the separate scale-and-shift pass forward and its three full-size products backward;
+        the result equals the two-step form to float32 rounding.
+
+        Args:
+            x: (B, C, *spatial).
+            scale, shift: (B, C) or (B, C, 1, ...).
+
+        Returns:
+            (B, C, *spatial) in ``x``'s dtype.
+        """
+        b, c = x.shape[:2]
+        factor = 1 + scale.reshape(b, c).float()
+        weight = (self.weight * factor).reshape(-1)
+        bias = (self.bias * factor + shift.reshape(b, c).float()).reshape(-1)
+        out = F.group_norm(x.float().reshape(1, b * c, -1), b * self.num_groups, weight, bias, self.eps)
+        return out.reshape(x.shape).type(x.dtype)
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:

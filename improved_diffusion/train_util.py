@@ -8,7 +8,8 @@ non-finite loss (or, outside fp16, non-finite gradients) changes nothing and is 
 overflowing steps itself (not counted).
 
 Checkpoints (complete sets of model, EMA and opt files, atomic, resumable) are
-:mod:`improved_diffusion.checkpoint`'s. SIGTERM/SIGUSR1 (pre-emption) make every rank save at the next step
+:mod:`improved_diffusion.checkpoint`'s; the precision, optimizer and gradient-norm helpers are
+:mod:`improved_diffusion.optim_util`'s. SIGTERM/SIGUSR1 (pre-emption) make every rank save at the next step
 boundary and return.
 """
 
@@ -30,18 +31,17 @@ from .checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     CheckpointSaveError,
     CheckpointSet,
-    atomic_torch_save,
     capture_rng_state,
     ema_filename,
     find_resume_checkpoint,
-    is_disk_full,
-    list_complete_checkpoints,
+    load_sampler_state,
     model_filename,
     opt_filename,
     restore_rng_state,
+    sampler_state,
+    write_checkpoint_set,
 )
-
-PRECISIONS = ("fp32", "fp16", "bf16")
+from .optim_util import load_optimizer_state, make_optimizer, resolve_precision, total_norm
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,29 +67,6 @@ def parse_ema_rates(ema_rate: Any) -> List[float]:
     return rates
 
 
-def resolve_precision(precision: Optional[str], use_fp16: bool, device: torch.device) -> str:
-    """The precision to train in: ``precision`` if given, else fp16 when ``use_fp16``, else fp32.
-
-    fp16 needs CUDA: on other devices this logs it once and returns fp32. bf16 runs under autocast on CUDA
-    (if the GPU supports it) and on the CPU.
-
-    Raises:
-        ValueError: unknown precision, ``use_fp16`` with a different precision, bf16 on a GPU without it.
-    """
-    p = (precision or "").strip().lower()
-    if p and p not in PRECISIONS:
-        raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if use_fp16 and p not in ("", "fp16"):
-        raise ValueError(f"--use_fp16 True conflicts with --precision {p} (use_fp16 is an alias for fp16)")
-    p = p or ("fp16" if use_fp16 else "fp32")
-    if p == "fp16" and device.type != "cuda":
-        logger.log(f"fp16 mixed precision needs CUDA; training in fp32 on {device.type}")
-        return "fp32"
-    if p == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("--precision bf16: this GPU does not support bfloat16 (use fp16 or fp32)")
-    return p
-
-
 def log_loss_dict(diffusion: Any, ts: torch.Tensor, losses: Dict[str, torch.Tensor]) -> None:
     """Log the mean of each loss term and its means per timestep quartile (``<key>_q0`` .. ``_q3``).
 
@@ -105,60 +82,6 @@ def log_loss_dict(diffusion: Any, ts: torch.Tensor, losses: Dict[str, torch.Tens
         for q in np.unique(quartile):
             sel = vals[quartile == q]
             logger.logkv_mean(f"{key}_q{int(q)}", float(sel.mean()), n=len(sel))
-
-
-def sampler_state(sampler: Any) -> Optional[Dict[str, torch.Tensor]]:
-    """The loss history of a loss-aware schedule sampler (None for stateless samplers such as uniform)."""
-    if hasattr(sampler, "state_dict"):
-        return sampler.state_dict()
-    if hasattr(sampler, "_loss_history") and hasattr(sampler, "_loss_counts"):
-        return {
-            "loss_history": torch.from_numpy(np.array(sampler._loss_history, dtype=np.float64)),
-            "loss_counts": torch.from_numpy(np.array(sampler._loss_counts, dtype=np.int64)),
-        }
-    return None
-
-
-def load_sampler_state(sampler: Any, state: Optional[Dict[str, torch.Tensor]]) -> None:
-    """Inverse of :func:`sampler_state`; a state that does not fit (other sampler or steps) is ignored."""
-    if state is None:
-        return
-    if hasattr(sampler, "load_state_dict"):
-        sampler.load_state_dict(state)
-    elif (
-        hasattr(sampler, "_loss_history")
-        and tuple(state["loss_history"].shape) == sampler._loss_history.shape
-    ):
-        sampler._loss_history[...] = state["loss_history"].numpy()
-        sampler._loss_counts[...] = state["loss_counts"].numpy()
-    else:
-        logger.warn("the checkpoint's schedule-sampler state does not fit this sampler; it starts afresh")
-
-
-def make_optimizer(params: List[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with torch's fused kernel where the device has one, else torch's default implementation.
-
-    The fused kernel updates all parameters in one pass: on the CPU about 6x faster than the default
-    per-tensor loop (about 4 % of a demo-model step), with the same result to float32 rounding.
-    """
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, ValueError):  # no fused AdamW for these parameters' device or dtype
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def load_optimizer_state(opt: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
-    """``opt.load_state_dict(state)`` that keeps ``opt``'s implementation (fused / foreach).
-
-    A saved state carries the flags of the optimizer that wrote it (e.g. an upstream or older checkpoint:
-    not fused); loading them as-is would silently switch this run back to the slower implementation.
-    """
-    flags = ("fused", "foreach")
-    groups = [
-        {**saved, **{k: current[k] for k in flags if k in current}}
-        for saved, current in zip(state["param_groups"], opt.param_groups)
-    ]
-    opt.load_state_dict({**state, "param_groups": groups})
 
 
 # glibc mallopt parameters (malloc.h).
@@ -185,14 +108,6 @@ def keep_freed_memory() -> bool:
     limit = 1 << 30
     _ALLOCATOR_TUNED = bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
     return _ALLOCATOR_TUNED
-
-
-def _total_norm(tensors: List[torch.Tensor]) -> torch.Tensor:
-    """L2 norm over a list of tensors (0-dim float32 tensor on their device)."""
-    if not tensors:
-        return torch.zeros(())
-    norms = torch._foreach_norm([t.detach().float() for t in tensors], 2.0)
-    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -466,7 +381,7 @@ class TrainLoop:
             self.scaler.unscale_(self.opt)
             # Gradients are already averaged over ranks, so this norm (and the decision below) is the same
             # everywhere.
-            grad_norm = float(_total_norm([p.grad for p in self.params if p.grad is not None]))
+            grad_norm = float(total_norm([p.grad for p in self.params if p.grad is not None]))
             if not np.isfinite(grad_norm) and not self.scaler.is_enabled():
                 # Outside fp16 a non-finite gradient is as bad as a non-finite loss. In fp16 it is an overflow
                 # that the GradScaler handles (it skips the update and lowers the scale).
@@ -548,7 +463,7 @@ class TrainLoop:
         if np.isfinite(grad_norm):
             logger.logkv_mean("grad_norm", grad_norm)
         if (self.step + 1) % self.log_interval == 0:  # only on steps that are dumped: it costs a pass
-            logger.logkv("param_norm", float(_total_norm(self.params)))
+            logger.logkv("param_norm", float(total_norm(self.params)))
         if self.scaler.is_enabled():
             scale = self.scaler.get_scale()
             logger.logkv("loss_scale", scale)
@@ -588,7 +503,9 @@ class TrainLoop:
         error = None
         if dist_util.is_main_process():
             try:
-                self._write_checkpoint_set(rng_states)
+                write_checkpoint_set(
+                    self.log_dir, self.step, self._checkpoint_files(rng_states), self.ema_rate
+                )
             except Exception as err:  # report to the other ranks instead of leaving them in a barrier
                 error = str(err)
                 raise
@@ -624,38 +541,3 @@ class TrainLoop:
             files.append((path, lambda params=params: self._params_to_state_dict(params)))
         files.append((os.path.join(self.log_dir, opt_filename(self.step)), opt_state))
         return files
-
-    def _write_checkpoint_set(self, rng_states: List[Dict[str, Any]]) -> None:
-        os.makedirs(self.log_dir, exist_ok=True)
-        logger.log(f"saving checkpoint set {self.step:06d} to {self.log_dir}")
-        files = self._checkpoint_files(rng_states)
-        for path, make_state in files:
-            try:
-                atomic_torch_save(make_state(), path)
-            except Exception as err:
-                # Saves happen only at steps not saved before, so every file of this step belongs to the
-                # failed set: remove them all (a crash instead leaves them, and resuming ignores the set
-                # because its opt file is missing).
-                for other, _ in files:
-                    with contextlib.suppress(OSError):
-                        os.remove(other)
-                raise CheckpointSaveError(self._save_failure(path, err)) from err
-
-    def _save_failure(self, path: str, err: BaseException) -> str:
-        """The one-line message for a checkpoint set that could not be written at ``path``."""
-        full = is_disk_full(err)
-        what = "no space left on the device" if full else f"{type(err).__name__}: {err}"
-        try:
-            sets = list_complete_checkpoints(self.log_dir, self.ema_rate)
-        except OSError:
-            sets = []
-        previous = (
-            f"the newest complete set is {sets[-1].step:06d} ({sets[-1].model})"
-            if sets
-            else "no complete set"
-        )
-        return (
-            f"cannot write checkpoint {path}: {what}; removed the incomplete set {self.step:06d}, "
-            f"{previous}. {'Free space' if full else 'Fix that'}, then resume with --resume_checkpoint "
-            f"{self.log_dir}"
-        ).replace("\n", " ")

@@ -26,6 +26,7 @@ from improved_diffusion.augment import AUGMENT_HELP, AugmentConfig, augment_defa
 from improved_diffusion.checkpoint import CheckpointSaveError, find_resume_checkpoint
 from improved_diffusion.fastmri_data import BadFileError, FileInfo, index_data, load_data
 from improved_diffusion.io_util import atomic_write_text
+from improved_diffusion.optim_util import PRECISIONS
 from improved_diffusion.resample import create_named_schedule_sampler
 from improved_diffusion.script_util import (
     MODEL_AND_DIFFUSION_CHOICES,
@@ -43,7 +44,7 @@ from improved_diffusion.script_util import (
     save_config,
     upstream_flag_notes,
 )
-from improved_diffusion.train_util import PRECISIONS, NonFiniteLossError, TrainLoop
+from improved_diffusion.train_util import NonFiniteLossError, TrainLoop
 
 # Test hook: when set, every rank writes <log_dir>/rank_report_<rank>.json (hash of its final parameters and
 # the files it read), so the distributed tests can check gradient sync and data sharding.

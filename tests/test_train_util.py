@@ -16,14 +16,15 @@ import pytest
 import torch
 from tiny import TINY_FLAGS, TINY_MODEL, script_env, tiny_model_and_diffusion
 
-from improved_diffusion import logger, train_util
+from improved_diffusion import logger, optim_util, train_util
 from improved_diffusion.checkpoint import (
     CheckpointSaveError,
     find_resume_checkpoint,
     list_complete_checkpoints,
 )
+from improved_diffusion.optim_util import resolve_precision
 from improved_diffusion.resample import create_named_schedule_sampler
-from improved_diffusion.train_util import NonFiniteLossError, TrainLoop, resolve_precision
+from improved_diffusion.train_util import NonFiniteLossError, TrainLoop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 3  # steps per half in the resume test
@@ -465,7 +466,7 @@ def _adamw_run(make, load_from=None, steps=range(3)):
         with torch.no_grad():
             for p, v in zip(params, params_state):
                 p.copy_(v)
-        train_util.load_optimizer_state(opt, opt_state)
+        optim_util.load_optimizer_state(opt, opt_state)
     for step in steps:
         g = torch.Generator().manual_seed(step)
         for p in params:
@@ -479,7 +480,7 @@ def test_fused_adamw_matches_default_and_resumes_from_its_state():
         return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
 
     def fast(params):
-        return train_util.make_optimizer(params, 1e-2, 0.1)
+        return optim_util.make_optimizer(params, 1e-2, 0.1)
 
     opt, _ = _adamw_run(fast)
     assert opt.param_groups[0]["fused"] is True  # the CPU has a fused AdamW

@@ -210,3 +210,28 @@ def test_normalization_and_helpers():
     inp = torch.randn(2, 3, requires_grad=True)
     checkpoint(f, (inp,), f.parameters(), True).sum().backward()
     assert inp.grad is not None and f.weight.grad is not None
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 5, 4), (2, 16, 7)])
+def test_group_norm_film_matches_norm_then_scale_shift(shape):
+    torch.manual_seed(0)
+    norm = normalization(shape[1])
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(*shape, requires_grad=True)
+    film = torch.randn(shape[0], 2 * shape[1], *([1] * (len(shape) - 2)), requires_grad=True)
+
+    def grads(fn):
+        x.grad = film.grad = norm.weight.grad = norm.bias.grad = None
+        scale, shift = film.chunk(2, dim=1)
+        out = fn(scale, shift)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        return [out.detach()] + [t.grad.clone() for t in (x, film, norm.weight, norm.bias)]
+
+    fused = grads(lambda scale, shift: norm.forward_film(x, scale, shift))
+    ref = grads(lambda scale, shift: norm(x) * (1 + scale) + shift)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    half = norm.forward_film(x.detach().half(), *film.detach().half().chunk(2, dim=1))
+    assert half.dtype == torch.float16
