@@ -14,6 +14,7 @@ setup(
         "sigpy",
         "scipy",  # SSIM filters; already required by sigpy, listed because we import it
         "tqdm",
+        "Pillow",  # the PNG previews (recon_outputs, prior_sample): image writing and labels
     ],
     extras_require={
         # mpiexec launches (dist_util): mpi4py alone, linked at run time against the site's MPI library. Not a
