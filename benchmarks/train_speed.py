@@ -183,6 +183,19 @@ def fixed_batch(args: argparse.Namespace) -> torch.Tensor:
     return torch.randn(args.batch_size, args.in_channels, args.image_size, args.image_size, generator=g)
 
 
+def loop_args(args: argparse.Namespace) -> dict:
+    """The TrainLoop arguments ours and upstream's share (same names in both)."""
+    return dict(
+        data=iter(()),
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=1e-4,
+        ema_rate="0.9999",
+        log_interval=10,
+        save_interval=10**9,
+    )
+
+
 def our_step(args: argparse.Namespace, device: torch.device) -> Tuple[Callable[[], None], TrainLoop]:
     torch.manual_seed(args.seed)
     model, diffusion = create_model_and_diffusion(**model_config(args))
@@ -191,13 +204,7 @@ def our_step(args: argparse.Namespace, device: torch.device) -> Tuple[Callable[[
     loop = TrainLoop(
         model=model,
         diffusion=diffusion,
-        data=iter(()),
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=1e-4,
-        ema_rate="0.9999",
-        log_interval=10,
-        save_interval=10**9,
+        **loop_args(args),
         precision=args.precision,
         handle_signals=False,
     )
@@ -279,13 +286,7 @@ def upstream_step(args: argparse.Namespace, device: torch.device, up) -> Callabl
     loop = up["train_util"].TrainLoop(
         model=model,
         diffusion=diffusion,
-        data=iter(()),
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=1e-4,
-        ema_rate="0.9999",
-        log_interval=10,
-        save_interval=10**9,
+        **loop_args(args),
         resume_checkpoint="",
         use_fp16=args.precision == "fp16",
     )
