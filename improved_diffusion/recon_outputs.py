@@ -212,7 +212,6 @@ def write_volume(
         target_key=volume.target_key or "",
         input_file=os.path.abspath(volume.path),
     )
-    write_recon_h5(output_path(output_dir, volume.name), recon, std, mean, volume.mask, attrs)
     target = volume.read_target()
     stem = os.path.splitext(volume.name)[0]
     summary = {
@@ -242,4 +241,6 @@ def write_volume(
                 ("std x5", std[i] if std[i].any() else None, vmax / 5),
             ]
             write_preview_png(os.path.join(output_dir, "png", f"{stem}_slice{i:03d}.png"), panels)
+    # the h5 last: it marks the volume done, so a failure above leaves nothing that a rerun would skip
+    write_recon_h5(output_path(output_dir, volume.name), recon, std, mean, volume.mask, attrs)
     return summary
