@@ -35,7 +35,8 @@ so every sampler (ancestral with learned variances, respaced, DDIM) gets them wi
 :func:`final_data_consistency` ends every sample with the discrepancy principle (Morozov): the proximal
 step from the sample with the ``λ`` at which ``‖A x − y‖ = sigma · sqrt(number of measured samples)``, so
 the output fits the data to the noise level and no tighter (exact interpolation of noisy data amplifies
-the noise through SENSE's small singular values). :meth:`MeasurementOperator.noise_ratio` reports
+the noise through SENSE's small singular values; for the same reason λ stays ≥ 1e-2, see
+``FINAL_LOG10_LAMBDA_MIN``). :meth:`MeasurementOperator.noise_ratio` reports
 ``‖A x − y‖ / (sigma sqrt(N))``, which then sits at 1.
 """
 

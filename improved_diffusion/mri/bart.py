@@ -358,7 +358,9 @@ def pics_l1(
     if any(n % 2 for n in k.shape[-2:]):
         # pics' centre of an odd dimension is one pixel off ours (and `bart fft`'s): its image would be
         # shifted against the maps and the data model; fastMRI's k-space sizes are even
-        raise BartError(f"pics_l1: odd image size {k.shape[-2:]} is not supported (pics centres it apart)")
+        raise BartError(
+            f"pics_l1: odd image size {k.shape[-2:]} is not supported (pics puts the centre one pixel off)"
+        )
     pattern = _mask_hw(mask, k.shape[-2:])
     args = ["pics", "-l1", "-r", f"{float(lamda):g}", "-i", str(int(iters))]
     if scaling is not None:
