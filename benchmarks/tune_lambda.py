@@ -23,13 +23,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import baseline_recon  # noqa: E402
+from recon_benchmark import PROTOCOLS  # noqa: E402  (the benchmark's masks: the same here)
 
 from improved_diffusion.evaluation import center_crop_np  # noqa: E402
 from improved_diffusion.mri.metrics import psnr  # noqa: E402
 from improved_diffusion.mri.subsample import create_mask_for_mask_type  # noqa: E402
 from improved_diffusion.script_util import HelpFormatter  # noqa: E402
-
-MASKS = {4: ("random", 0.08), 8: ("equispaced_fraction", 0.04)}
 
 
 def create_argparser() -> argparse.ArgumentParser:
@@ -74,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sigma = args.noise_level * float(np.abs(kspace).max())
     total = float(np.hypot(sigma, args.file_noise))
     for acc in (int(a) for a in args.accelerations.split(",")):
-        mask_type, cf = MASKS[acc]
+        mask_type, cf = PROTOCOLS[acc]
         mask_type = args.mask_type or mask_type
         data = []
         for s in slices:
