@@ -279,7 +279,7 @@ def create_argparser() -> argparse.ArgumentParser:
         "--model_path",
         type=str,
         default=os.path.join(REPO_ROOT, "checkpoints", "demo", "ema_0.999_004018.pt"),
-        help="diffusion checkpoint (config.json beside it)",
+        help="diffusion checkpoint (config.json beside it), for the full run and --units",
     )
     return p
 
@@ -304,7 +304,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     code = os.path.dirname(os.path.dirname(os.path.abspath(improved_diffusion.__file__)))
     image_sample = _import_script("image_sample", code)
     out_dir = os.path.join(work, "out_" + args.label)
-    flags = ["--input", data, "--output_dir", out_dir, "--num_samples", str(args.num_samples)]
+    flags = ["--input", data, "--output_dir", out_dir, "--model_path", args.model_path]
+    flags += ["--num_samples", str(args.num_samples)]
     flags += ["--overwrite", "True", "--png", "False", "--progress", "False"] + args.extra.split()
     # CPU seconds of this process, not wall time: the machine is shared, and with one thread the CPU time
     # of a stage is what it costs whatever else runs.
