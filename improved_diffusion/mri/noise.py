@@ -10,13 +10,22 @@ Where the noise comes from, in order of preference (:func:`noise_covariance`):
    is their sample covariance;
 2. the data themselves (:func:`estimate_noise_covariance`), robustly:
 
-   * column masks (the readout is fully sampled): inverse FFT along the readout to hybrid space, take the
-     second differences along the readout of the outer half of the measured columns (the phase encodes
-     with the least signal), and read the noise power off their median (``|d|^2`` of complex Gaussian noise
-     is exponential, median ``sigma^2 ln 2``). This is Donoho's MAD estimator ("De-noising by
-     soft-thresholding", IEEE TIT 1995) on the fully sampled direction. Signal detail only adds energy, so it
-     is an upper bound: within 15 % at an image SNR of about 25 and below, 1.5-2x too high on nearly
-     noiseless simulated data (measured in docs/physics.md);
+   * column masks (the readout is fully sampled): inverse FFT along the readout to hybrid space (readout
+     position x, phase encode), where two estimates are taken and the lower one is kept, since signal
+     only adds energy to either:
+
+     - the background: readout positions outside the object hold only noise in every measured column.
+       Rank the positions by their energy in every other measured column and read the noise off the
+       other columns at the ``BACKGROUND_FRACTION`` least energetic positions (independent halves, so
+       the ranking does not bias the estimate low). The outer ``1 / EDGE_DIVISOR`` of the readout on
+       each side is left out: receivers' anti-aliasing filters attenuate the noise there;
+     - the second differences along the readout of the outer half of the measured columns (the phase
+       encodes with the least signal): Donoho's MAD estimator ("De-noising by soft-thresholding", IEEE
+       TIT 1995) on the fully sampled direction, for objects that fill the readout field of view.
+
+     Both read the noise power off a median (``|n|^2`` of complex Gaussian noise is exponential, median
+     ``sigma^2 ln 2``). The second differences alone were 1.8x (8 coils) to 3.9x (single-coil) too high on
+     the demo data (image SNR about 100); figures in docs/physics.md;
    * 2-D masks: the same median on the outermost 20 % (by radius) of the measured k-space samples, where
      real scans hold almost only noise.
 
@@ -37,6 +46,10 @@ import numpy as np
 OUTER_FRACTION = 0.2
 # Samples with the most energy dropped before the correlation is taken.
 TRIM_FRACTION = 0.2
+# Column masks: share of the readout positions taken as background, and the readout edges left out
+# (1 / EDGE_DIVISOR of the positions on each side).
+BACKGROUND_FRACTION = 0.125
+EDGE_DIVISOR = 16
 
 
 @dataclass
@@ -101,6 +114,26 @@ def _column_mask(sampled: np.ndarray) -> bool:
     return bool(sampled[:, cols].all())
 
 
+def _background_samples(hybrid: np.ndarray) -> Optional[np.ndarray]:
+    """``(N, C)`` hybrid-space samples at the readout positions with the least signal (module docstring).
+
+    Args:
+        hybrid: ``(C, H, n)`` measured columns after the inverse FFT along the readout.
+
+    Returns:
+        The samples, or None with fewer than 2 measured columns.
+    """
+    c, h, n = hybrid.shape
+    if n < 2:
+        return None
+    edge = h // EDGE_DIVISOR
+    inner = hybrid[:, edge : h - edge]
+    rank, measure = inner[..., 0::2], inner[..., 1::2]
+    energy = (np.abs(rank) ** 2).sum(axis=(0, 2))
+    rows = np.argsort(energy)[: max(2, int(round(BACKGROUND_FRACTION * inner.shape[1])))]
+    return measure[:, rows].reshape(c, -1).T
+
+
 def estimate_noise_covariance(kspace: np.ndarray, sampled: Optional[np.ndarray] = None) -> np.ndarray:
     """Robust coil noise covariance ``(C, C)`` from measured k-space (see the module docstring).
 
@@ -124,20 +157,23 @@ def estimate_noise_covariance(kspace: np.ndarray, sampled: Optional[np.ndarray] 
     h, w = kspace.shape[-2:]
     if _column_mask(sampled) and h >= 8:
         cols = np.flatnonzero(sampled.any(axis=0))
-        outer = cols[np.abs(cols - w // 2) >= np.median(np.abs(cols - w // 2))]
         hybrid = np.fft.fftshift(
-            np.fft.ifft(np.fft.ifftshift(kspace[..., outer], axes=-2), axis=-2, norm="ortho"), axes=-2
+            np.fft.ifft(np.fft.ifftshift(kspace[..., cols], axes=-2), axis=-2, norm="ortho"), axes=-2
         )
+        outer = np.abs(cols - w // 2) >= np.median(np.abs(cols - w // 2))
         # Second differences along the readout, non-overlapping triplets so the samples are independent.
-        d2 = (hybrid[:, 2:] - 2 * hybrid[:, 1:-1] + hybrid[:, :-2])[:, ::3] / np.sqrt(6.0)
-        samples = d2.reshape(kspace.shape[0], -1).T
-    else:
-        yy, xx = np.meshgrid(
-            (np.arange(h) - h // 2) / max(h / 2, 1), (np.arange(w) - w // 2) / max(w / 2, 1), indexing="ij"
-        )
-        radius = np.hypot(yy, xx)[sampled]
-        outer = radius >= np.quantile(radius, 1.0 - OUTER_FRACTION)
-        samples = kspace[:, sampled][:, outer].T
+        d2 = (hybrid[:, 2:, outer] - 2 * hybrid[:, 1:-1, outer] + hybrid[:, :-2, outer])[:, ::3] / np.sqrt(6.0)
+        estimates = [_robust_covariance(d2.reshape(kspace.shape[0], -1).T.astype(np.complex128))]
+        background = _background_samples(hybrid)
+        if background is not None:
+            estimates.append(_robust_covariance(background.astype(np.complex128)))
+        return min(estimates, key=lambda cov: float(np.real(np.trace(cov))))
+    yy, xx = np.meshgrid(
+        (np.arange(h) - h // 2) / max(h / 2, 1), (np.arange(w) - w // 2) / max(w / 2, 1), indexing="ij"
+    )
+    radius = np.hypot(yy, xx)[sampled]
+    outer = radius >= np.quantile(radius, 1.0 - OUTER_FRACTION)
+    samples = kspace[:, sampled][:, outer].T
     return _robust_covariance(samples.astype(np.complex128))
 
 
