@@ -71,18 +71,24 @@ def test_noise_estimate_from_the_data_is_within_20_percent(phantom, kind):
         )
 
 
-@pytest.mark.parametrize("coils", [1, COILS])
-@pytest.mark.parametrize("level", [0.004, 0.04])
-def test_noise_estimate_on_an_oversampled_readout_at_high_snr(coils, level):
-    """fastMRI's layout: the object in the central half of a 2x oversampled readout, the noise attenuated
-    at the readout edges (a receiver's anti-aliasing filter). At an image SNR of about 250 the second
-    differences alone read signal as noise (2.2x too high); the background keeps the estimate within 15 %."""
+def _oversampled_readout(coils):
+    """fastMRI's layout: a Shepp-Logan in the central half of a 2x oversampled readout, birdcage coils;
+    the object and its noise-free coil k-space."""
     yy, xx = np.meshgrid(np.linspace(-1, 1, N), np.linspace(-1, 1, N), indexing="ij")
     x = np.zeros((N, N), np.complex64)
     x[N // 4 : N // 4 + N // 2] = sigpy.shepp_logan((N // 2, N))
     x = x * np.exp(1j * (0.5 + xx - 0.3 * yy * yy))
     maps = sigpy.mri.birdcage_maps((coils, N, N), r=1.5).astype(np.complex64)
-    k = fft2c(torch.from_numpy(maps * x)).numpy()
+    return x, fft2c(torch.from_numpy(maps * x)).numpy()
+
+
+@pytest.mark.parametrize("coils", [1, COILS])
+@pytest.mark.parametrize("level", [0.004, 0.04])
+def test_noise_estimate_on_an_oversampled_readout_at_high_snr(coils, level):
+    """The noise attenuated at the readout edges (a receiver's anti-aliasing filter). At an image SNR of
+    about 250 the second differences alone read signal as noise (2.2x too high); the background keeps the
+    estimate within 15 %."""
+    x, k = _oversampled_readout(coils)
     sigma = level * float(np.abs(fft2c(torch.from_numpy(x)).numpy()).max()) / np.sqrt(N)
     rng = np.random.default_rng(2)
     gain = np.ones((N, 1))
@@ -92,6 +98,15 @@ def test_noise_estimate_on_an_oversampled_readout_at_high_snr(coils, level):
     sampled = np.broadcast_to(_column_mask() > 0, (N, N))
     est = noise_model((k + noise) * sampled, sampled)
     assert est.sigma == pytest.approx(sigma, rel=0.15)
+
+
+def test_noiseless_data_give_zero_noise():
+    """float32 rounding of a noiseless simulation is not noise: sigma 0 (exact data consistency)."""
+    sampled = np.broadcast_to(_column_mask() > 0, (N, N))
+    for coils in (1, COILS):
+        _, k = _oversampled_readout(coils)
+        est = noise_model(k.astype(np.complex64) * sampled, sampled)
+        assert est.sigma == 0.0 and np.allclose(est.whitening(), np.eye(coils))
 
 
 def test_noise_scan_covariance_and_whitening():

@@ -50,6 +50,9 @@ TRIM_FRACTION = 0.2
 # (1 / EDGE_DIVISOR of the positions on each side).
 BACKGROUND_FRACTION = 0.125
 EDGE_DIVISOR = 16
+# An estimated std below this fraction of max|k| is float32 rounding of noiseless data (a measured scan's
+# noise is 1e-5 to 1e-2 of its k-space peak): such data are treated as noiseless (sigma = 0).
+NOISELESS_RELATIVE = 1e-6
 
 
 @dataclass
@@ -114,6 +117,13 @@ def _column_mask(sampled: np.ndarray) -> bool:
     return bool(sampled[:, cols].all())
 
 
+def _noiseless_below_rounding(cov: np.ndarray, kspace: np.ndarray) -> np.ndarray:
+    """``cov``, or zeros where its std is below ``NOISELESS_RELATIVE * max|k|``: the rounding of noiseless
+    (simulated) single-precision data, which no solver here resolves, rather than noise."""
+    sigma = np.sqrt(max(float(np.real(np.trace(cov))) / len(cov), 0.0))
+    return np.zeros_like(cov) if sigma < NOISELESS_RELATIVE * float(np.abs(kspace).max()) else cov
+
+
 def _background_samples(hybrid: np.ndarray) -> Optional[np.ndarray]:
     """``(N, C)`` hybrid-space samples at the readout positions with the least signal (module docstring).
 
@@ -167,14 +177,14 @@ def estimate_noise_covariance(kspace: np.ndarray, sampled: Optional[np.ndarray] 
         background = _background_samples(hybrid)
         if background is not None:
             estimates.append(_robust_covariance(background.astype(np.complex128)))
-        return min(estimates, key=lambda cov: float(np.real(np.trace(cov))))
+        return _noiseless_below_rounding(min(estimates, key=lambda cov: float(np.real(np.trace(cov)))), kspace)
     yy, xx = np.meshgrid(
         (np.arange(h) - h // 2) / max(h / 2, 1), (np.arange(w) - w // 2) / max(w / 2, 1), indexing="ij"
     )
     radius = np.hypot(yy, xx)[sampled]
     outer = radius >= np.quantile(radius, 1.0 - OUTER_FRACTION)
     samples = kspace[:, sampled][:, outer].T
-    return _robust_covariance(samples.astype(np.complex128))
+    return _noiseless_below_rounding(_robust_covariance(samples.astype(np.complex128)), kspace)
 
 
 def noise_model(
