@@ -9,7 +9,8 @@ step ``t`` of ``--timesteps`` it draws ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) 
 ``10 log10(max|x0|² / mean|x̂0 - x0|²)`` (complex error). The start of the default reconstruction recipe is
 base step 180 (docs/reconstruction.md); the smaller steps are the ones DDIM passes on its way down.
 
-    python benchmarks/heldout_denoising.py --model_paths logs/ft/ema_0.999_002321.pt,checkpoints/demo/ema_0.999_004018.pt
+    python benchmarks/heldout_denoising.py \\
+        --model_paths logs/ft/ema_0.999_002321.pt,checkpoints/demo/ema_0.999_004018.pt
 
 Prints one line per checkpoint and writes one row per (checkpoint, folder) to ``--output_csv``.
 """
@@ -51,7 +52,9 @@ def denoising_psnr(model_path: str, data_dir: str, timesteps: Sequence[int], see
     model, diffusion, _ = load_model(model_path, timestep_respacing="")
     bad = [s for s in timesteps if not 0 <= s < diffusion.num_timesteps]
     if bad:
-        raise ValueError(f"{model_path}: --timesteps {bad} outside its {diffusion.num_timesteps} diffusion steps")
+        raise ValueError(
+            f"{model_path}: --timesteps {bad} outside its {diffusion.num_timesteps} diffusion steps"
+        )
     data = slices_of(data_dir)
     t = torch.tensor(list(timesteps), dtype=torch.long)
     psnr: Dict[int, List[float]] = {int(s): [] for s in timesteps}
@@ -70,16 +73,24 @@ def denoising_psnr(model_path: str, data_dir: str, timesteps: Sequence[int], see
 
 def create_argparser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--model_paths", type=str, required=True, help="comma list of checkpoints (config.json beside each)")
+    p.add_argument(
+        "--model_paths", type=str, required=True, help="comma list of checkpoints (config.json beside each)"
+    )
     p.add_argument(
         "--data_dir",
         type=str,
         default=os.path.join(REPO_ROOT, "heldout_data", "singlecoil_sigma0.002"),
         help="comma list of folders of fastMRI-format h5 files to score on",
     )
-    p.add_argument("--timesteps", type=str, default="20,60,120,180,300", help="base diffusion steps (of 1000) to score")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise draws (the same for every checkpoint)")
-    p.add_argument("--labels", type=str, default="", help="comma list of row labels, one per checkpoint ('' = paths)")
+    p.add_argument(
+        "--timesteps", type=str, default="20,60,120,180,300", help="base diffusion steps (of 1000) to score"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the noise draws (the same for every checkpoint)"
+    )
+    p.add_argument(
+        "--labels", type=str, default="", help="comma list of row labels, one per checkpoint ('' = paths)"
+    )
     p.add_argument("--output_csv", type=str, default="", help="CSV to append rows to ('' = none)")
     return p
 
@@ -104,7 +115,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             mean = float(np.mean(list(psnr.values())))
             steps = "  ".join(f"t{s} {v:.2f}" for s, v in psnr.items())
             print(f"{label}  {os.path.basename(data_dir.rstrip('/'))}: mean {mean:.2f} dB  ({steps})")
-            row = {"label": label, "model_path": model_path, "data_dir": data_dir, "mean_psnr": round(mean, 3)}
+            row = {
+                "label": label,
+                "model_path": model_path,
+                "data_dir": data_dir,
+                "mean_psnr": round(mean, 3),
+            }
             row.update({f"psnr_t{s}": round(v, 3) for s, v in psnr.items()})
             rows.append(row)
     if args.output_csv and rows:

@@ -1,16 +1,10 @@
 """benchmarks/heldout_denoising.py: the x̂0 PSNR of a prior on fixed noisy inputs."""
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
-from tiny import random_volume, write_checkpoint
+from tiny import load_module, random_volume, write_checkpoint
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "heldout_denoising.py")
-spec = importlib.util.spec_from_file_location("heldout_denoising", SCRIPT)
-heldout_denoising = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(heldout_denoising)
+heldout_denoising = load_module("benchmarks/heldout_denoising.py")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +30,10 @@ def test_untrained_model_scores_the_closed_form(setup):
     for t in (2, 10):
         abar = diffusion.alphas_cumprod[t]
         expected = np.mean(
-            [10 * np.log10(float(slices[i][0].pow(2).sum(0).max()) / (2 * (1 - abar) / abar)) for i in range(3)]
+            [
+                10 * np.log10(float(slices[i][0].pow(2).sum(0).max()) / (2 * (1 - abar) / abar))
+                for i in range(3)
+            ]
         )
         assert abs(psnr[t] - expected) < 0.3  # 256 pixels of noise per slice
     assert psnr[2] > psnr[10]  # less noise, better x̂0

@@ -94,7 +94,9 @@ def test_noise_estimate_on_an_oversampled_readout_at_high_snr(coils, level):
     gain = np.ones((N, 1))
     gain[: N // 16] = gain[-(N // 16) :] = 0.3  # readout edges, in the image domain along the readout
     hybrid_noise = sigma * gain * _cplx(rng, (coils, N, N))
-    noise = np.fft.fftshift(np.fft.fft(np.fft.ifftshift(hybrid_noise, axes=-2), axis=-2, norm="ortho"), axes=-2)
+    noise = np.fft.fftshift(
+        np.fft.fft(np.fft.ifftshift(hybrid_noise, axes=-2), axis=-2, norm="ortho"), axes=-2
+    )
     sampled = np.broadcast_to(_column_mask() > 0, (N, N))
     est = noise_model((k + noise) * sampled, sampled)
     assert est.sigma == pytest.approx(sigma, rel=0.15)

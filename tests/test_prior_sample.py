@@ -1,18 +1,14 @@
 """scripts/prior_sample.py on a tiny randomly initialized model saved with its config.json."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 from PIL import Image
-from tiny import write_checkpoint
+from tiny import load_module, write_checkpoint
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "prior_sample.py")
-spec = importlib.util.spec_from_file_location("prior_sample", SCRIPT)
-prior_sample = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(prior_sample)
+prior_sample = load_module("scripts/prior_sample.py")
 
 
 @pytest.fixture(scope="module")

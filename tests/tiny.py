@@ -5,6 +5,7 @@ Not a test file (pytest collects ``test_*.py`` only); the tests import it as ``t
 ``sys.path``), and so does benchmarks/bad_input_table.py, whose runs tests/test_bad_input.py asserts on.
 """
 
+import importlib.util
 import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
@@ -111,3 +112,13 @@ def script_env(**extra: str) -> Dict[str, str]:
     }
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), **extra)
     return env
+
+
+def load_module(relpath: str):
+    """A script of this repository (e.g. ``"scripts/prior_sample.py"``) imported as a module."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), relpath)
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -172,12 +172,16 @@ def estimate_noise_covariance(kspace: np.ndarray, sampled: Optional[np.ndarray] 
         )
         outer = np.abs(cols - w // 2) >= np.median(np.abs(cols - w // 2))
         # Second differences along the readout, non-overlapping triplets so the samples are independent.
-        d2 = (hybrid[:, 2:, outer] - 2 * hybrid[:, 1:-1, outer] + hybrid[:, :-2, outer])[:, ::3] / np.sqrt(6.0)
+        d2 = (hybrid[:, 2:, outer] - 2 * hybrid[:, 1:-1, outer] + hybrid[:, :-2, outer])[:, ::3] / np.sqrt(
+            6.0
+        )
         estimates = [_robust_covariance(d2.reshape(kspace.shape[0], -1).T.astype(np.complex128))]
         background = _background_samples(hybrid)
         if background is not None:
             estimates.append(_robust_covariance(background.astype(np.complex128)))
-        return _noiseless_below_rounding(min(estimates, key=lambda cov: float(np.real(np.trace(cov)))), kspace)
+        return _noiseless_below_rounding(
+            min(estimates, key=lambda cov: float(np.real(np.trace(cov)))), kspace
+        )
     yy, xx = np.meshgrid(
         (np.arange(h) - h // 2) / max(h / 2, 1), (np.arange(w) - w // 2) / max(w / 2, 1), indexing="ij"
     )
