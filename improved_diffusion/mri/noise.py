@@ -25,7 +25,7 @@ Where the noise comes from, in order of preference (:func:`noise_covariance`):
 
      Both read the noise power off a median (``|n|^2`` of complex Gaussian noise is exponential, median
      ``sigma^2 ln 2``). The second differences alone were 1.8x (8 coils) to 3.9x (single-coil) too high on
-     the demo data (image SNR about 100); figures in docs/physics.md;
+     the demo data (image SNR about 100); figures in docs/reconstruction.md ("Noise");
    * 2-D masks: the same median on the outermost 20 % (by radius) of the measured k-space samples, where
      real scans hold almost only noise.
 
