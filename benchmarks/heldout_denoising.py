@@ -103,7 +103,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: --labels has {len(labels)} entries for {len(models)} checkpoints", file=sys.stderr)
         return 2
     timesteps = [int(s) for s in args.timesteps.split(",")]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     for label, model_path in zip(labels, models):
         for data_dir in args.data_dir.split(","):

@@ -170,25 +170,22 @@ def estimate_noise_covariance(kspace: np.ndarray, sampled: Optional[np.ndarray] 
         hybrid = np.fft.fftshift(
             np.fft.ifft(np.fft.ifftshift(kspace[..., cols], axes=-2), axis=-2, norm="ortho"), axes=-2
         )
-        outer = np.abs(cols - w // 2) >= np.median(np.abs(cols - w // 2))
+        outer = hybrid[..., np.abs(cols - w // 2) >= np.median(np.abs(cols - w // 2))]
         # Second differences along the readout, non-overlapping triplets so the samples are independent.
-        d2 = (hybrid[:, 2:, outer] - 2 * hybrid[:, 1:-1, outer] + hybrid[:, :-2, outer])[:, ::3] / np.sqrt(
-            6.0
-        )
+        d2 = (outer[:, 2:] - 2 * outer[:, 1:-1] + outer[:, :-2])[:, ::3] / np.sqrt(6.0)
         estimates = [_robust_covariance(d2.reshape(kspace.shape[0], -1).T.astype(np.complex128))]
         background = _background_samples(hybrid)
         if background is not None:
             estimates.append(_robust_covariance(background.astype(np.complex128)))
-        return _noiseless_below_rounding(
-            min(estimates, key=lambda cov: float(np.real(np.trace(cov)))), kspace
+        cov = min(estimates, key=lambda e: float(np.real(np.trace(e))))
+    else:
+        yy, xx = np.meshgrid(
+            (np.arange(h) - h // 2) / max(h / 2, 1), (np.arange(w) - w // 2) / max(w / 2, 1), indexing="ij"
         )
-    yy, xx = np.meshgrid(
-        (np.arange(h) - h // 2) / max(h / 2, 1), (np.arange(w) - w // 2) / max(w / 2, 1), indexing="ij"
-    )
-    radius = np.hypot(yy, xx)[sampled]
-    outer = radius >= np.quantile(radius, 1.0 - OUTER_FRACTION)
-    samples = kspace[:, sampled][:, outer].T
-    return _noiseless_below_rounding(_robust_covariance(samples.astype(np.complex128)), kspace)
+        radius = np.hypot(yy, xx)[sampled]
+        outer = radius >= np.quantile(radius, 1.0 - OUTER_FRACTION)
+        cov = _robust_covariance(kspace[:, sampled][:, outer].T.astype(np.complex128))
+    return _noiseless_below_rounding(cov, kspace)
 
 
 def noise_model(
