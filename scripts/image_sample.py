@@ -89,7 +89,7 @@ def sample_defaults() -> Dict[str, Any]:
         final_dc=recon.final_dc,
         clip=recon.clip,
         clip_value=recon.clip_value,
-        # test-time adaptation of the prior (off by default)
+        # test-time adaptation of the prior (automatic: single-coil data only)
         adapt_steps=recon.adapt_steps,
         adapt_lr=recon.adapt_lr,
         adapt_params=recon.adapt_params,
@@ -131,7 +131,8 @@ SAMPLE_HELP: Dict[str, str] = {
     "clip": "bound on x0 before DC (upstream's --clip_denoised True is magnitude-like, False is none)",
     "clip_value": "the bound, in normalized units (image / scale)",
     "adapt_steps": "test-time adaptation: at most this many Adam steps fitting part of the prior to the "
-    "scan's measurements after a one-sample first pass (0 = off; docs/reconstruction.md)",
+    "scan's measurements after a one-sample first pass; 0 = off; -1 = 20 for single-coil data, off for "
+    "multi-coil data, where it was measured to add nothing (docs/reconstruction.md)",
     "adapt_lr": "learning rate of the test-time adaptation",
     "adapt_params": "what adapts: norm (GroupNorm scales/shifts), out (output block) or norm,out",
 }
@@ -264,6 +265,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "fov_rows": options.fov_rows,
             "num_virtual_coils": options.num_virtual_coils,
             "refine_maps": options.refine_maps,
+            # as asked (-1: automatic, 20 steps for single-coil data, none for multi-coil)
+            "adapt_steps": options.adapt_steps,
+            "adapt_lr": options.adapt_lr,
+            "adapt_params": options.adapt_params,
         }
         result = run_files(paths, spec, reconstruct=reconstruct, method_attrs=method_attrs, **run_flags(args))
     except (BadFileError, ValueError, FileNotFoundError) as err:

@@ -7,7 +7,7 @@ from test_reconstruction import tiny_recon_model
 from improved_diffusion.adaptation import adapted_prior, data_loss, select_parameters
 from improved_diffusion.data_consistency import MeasurementOperator
 from improved_diffusion.mri.fftc import fft2c
-from improved_diffusion.reconstruction import ReconOptions, reconstruct_slice
+from improved_diffusion.reconstruction import SINGLE_COIL_ADAPT_STEPS, ReconOptions, reconstruct_slice
 
 H = W = 16
 
@@ -89,3 +89,32 @@ def test_reconstruct_slice_with_adaptation_leaves_the_model_unchanged():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="adapt_params"):
         ReconOptions(adapt_params="weights").validate()
+
+
+def test_the_default_adapts_single_coil_scans_only():
+    options = ReconOptions()
+    assert options.adapt_steps == -1
+    assert options.adapt_steps_for(single_coil=True) == SINGLE_COIL_ADAPT_STEPS > 0
+    assert options.adapt_steps_for(single_coil=False) == 0
+    assert ReconOptions(adapt_steps=0).adapt_steps_for(single_coil=True) == 0
+    with pytest.raises(ValueError, match="adapt_steps"):
+        ReconOptions(adapt_steps=-2).validate()
+    model, diffusion = _tiny()
+    x, kspace, mask = _scan()
+    single = reconstruct_slice(
+        kspace, mask, model, diffusion, options=ReconOptions(num_samples=1, t0="0.5"), noise_std=0.01
+    )
+    assert single.adapt_steps == SINGLE_COIL_ADAPT_STEPS
+    maps = torch.stack([torch.ones(H, W), torch.linspace(0.5, 1.5, W).expand(H, W)]).to(torch.complex64)
+    maps = maps / maps.abs().pow(2).sum(0).sqrt()
+    coils = mask * fft2c(maps * x)
+    multi = reconstruct_slice(
+        coils,
+        mask,
+        model,
+        diffusion,
+        options=ReconOptions(num_samples=1, t0="0.5"),
+        maps=maps,
+        noise_std=0.01,
+    )
+    assert multi.adapt_steps == 0
