@@ -415,11 +415,11 @@ def reconstruct_slice(
         return torch.cat(samples)
 
     adapt_steps = options.adapt_steps_for(op.single_coil)
-    if adapt_steps and options.adapt_steps < 0 and not isinstance(model, torch.nn.Module):
-        adapt_steps = 0  # the automatic choice needs parameters to adapt; a plain callable samples as it is
-    if adapt_steps:
-        if not isinstance(model, torch.nn.Module):
+    if adapt_steps and not isinstance(model, torch.nn.Module):
+        if options.adapt_steps > 0:
             raise ValueError("test-time adaptation (adapt_steps > 0) needs a torch.nn.Module model")
+        adapt_steps = 0  # the automatic choice: a plain callable has no parameters to adapt
+    if adapt_steps:
         x_ref = draw(1, options.seed + 1)[0]  # first pass: the unadapted prior's reconstruction
         counter.calls = 0  # nfe counts the sampling of the returned samples
         adapt = adapted_prior(

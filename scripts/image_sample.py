@@ -41,6 +41,7 @@ from improved_diffusion.reconstruction import (
     DEFAULT_T0,
     OPTION_HELP,
     RECOMMENDED_RESPACING,
+    SINGLE_COIL_ADAPT_STEPS,
     ReconOptions,
     parse_t0,
     reconstruct_slice,
@@ -131,8 +132,8 @@ SAMPLE_HELP: Dict[str, str] = {
     "clip": "bound on x0 before DC (upstream's --clip_denoised True is magnitude-like, False is none)",
     "clip_value": "the bound, in normalized units (image / scale)",
     "adapt_steps": "test-time adaptation: at most this many Adam steps fitting part of the prior to the "
-    "scan's measurements after a one-sample first pass; 0 = off; -1 = 20 for single-coil data, off for "
-    "multi-coil data, where it was measured to add nothing (docs/reconstruction.md)",
+    f"scan's measurements after a one-sample first pass; 0 = off; -1 = {SINGLE_COIL_ADAPT_STEPS} for "
+    "single-coil data, off for multi-coil data, where it adds nothing (docs/reconstruction.md)",
     "adapt_lr": "learning rate of the test-time adaptation",
     "adapt_params": "what adapts: norm (GroupNorm scales/shifts), out (output block) or norm,out",
 }
@@ -265,7 +266,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "fov_rows": options.fov_rows,
             "num_virtual_coils": options.num_virtual_coils,
             "refine_maps": options.refine_maps,
-            # as asked (-1: automatic, 20 steps for single-coil data, none for multi-coil)
+            # as asked (-1: automatic, see the flag's help)
             "adapt_steps": options.adapt_steps,
             "adapt_lr": options.adapt_lr,
             "adapt_params": options.adapt_params,
