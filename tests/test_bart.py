@@ -4,7 +4,6 @@ subspaces against ours, and the project's L1-wavelet baseline against ``bart pic
 Everything that runs ``bart`` is skipped when it is not installed (CI installs it with apt when it can).
 """
 
-import importlib.util
 import os
 import sys
 import warnings
@@ -13,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from tiny import load_module
 
 from improved_diffusion.mri import bart
 from improved_diffusion.mri.espirit import estimate_sens_maps
@@ -30,10 +30,7 @@ N, COILS = 128, 8
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(f"scripts/{name}.py")
 
 
 def _cplx(rng, shape):

@@ -1,20 +1,15 @@
 """Tests for datasets/make_demo_data.py on a tiny build: layout, keys, shapes, determinism, loadability."""
 
-import importlib.util
 import os
-import sys
 
 import h5py
 import numpy as np
 import pytest
+from tiny import load_module
 
 from improved_diffusion.fastmri_data import check_file, load_data
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "datasets", "make_demo_data.py")
-spec = importlib.util.spec_from_file_location("make_demo_data", SCRIPT)
-demo = importlib.util.module_from_spec(spec)
-sys.modules["make_demo_data"] = demo
-spec.loader.exec_module(demo)
+demo = load_module("datasets/make_demo_data.py")
 import mni152  # noqa: E402  (beside the script, on sys.path since it ran)
 import synth_contrasts as sc  # noqa: E402
 

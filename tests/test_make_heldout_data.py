@@ -1,21 +1,16 @@
 """Tests for datasets/make_heldout_data.py on a reduced build (every volume, 2 slices, 2 noise levels)."""
 
-import importlib.util
 import os
-import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from tiny import load_module
 
 from improved_diffusion.mri.fftc import ifft2c
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "datasets", "make_heldout_data.py")
-spec = importlib.util.spec_from_file_location("make_heldout_data", SCRIPT)
-heldout = importlib.util.module_from_spec(spec)
-sys.modules["make_heldout_data"] = heldout
-spec.loader.exec_module(heldout)
+heldout = load_module("datasets/make_heldout_data.py")
 import kspace_simulation as sim  # noqa: E402  (beside the script, on sys.path since it ran)
 import mni152  # noqa: E402
 

@@ -1,6 +1,5 @@
 """Tests for datasets/prepare_fastmri.py: maps are added, reruns skip, bad files are summarized."""
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -12,16 +11,14 @@ import pytest
 import sigpy
 import sigpy.mri
 import torch
+from tiny import load_module
 
 from improved_diffusion.fastmri_data import load_data
 from improved_diffusion.mri.fftc import fft2c
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SCRIPT = os.path.join(ROOT, "datasets", "prepare_fastmri.py")
-spec = importlib.util.spec_from_file_location("prepare_fastmri", SCRIPT)
-prepare = importlib.util.module_from_spec(spec)
-sys.modules["prepare_fastmri"] = prepare  # so worker processes can unpickle its functions
-spec.loader.exec_module(prepare)
+prepare = load_module("datasets/prepare_fastmri.py")  # registered, so worker processes unpickle its functions
 
 FAST = dict(max_calib=12, kernel_width=4)
 

@@ -1,13 +1,12 @@
 """End to end: scripts/image_sample.py, baseline_recon.py, evaluate.py on tiny h5 files and a tiny model."""
 
-import importlib.util
 import os
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from tiny import coil_maps, phantom, write_checkpoint
+from tiny import coil_maps, load_module, phantom, write_checkpoint
 
 from improved_diffusion.evaluation import read_volume
 from improved_diffusion.mri.fftc import fft2c, ifft2c
@@ -22,10 +21,7 @@ MASK_ARGS = ["--mask_type", "random", "--accelerations", "4", "--center_fraction
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(f"scripts/{name}.py")
 
 
 image_sample, baseline_recon, evaluate = (_script(n) for n in ("image_sample", "baseline_recon", "evaluate"))

@@ -115,10 +115,13 @@ def script_env(**extra: str) -> Dict[str, str]:
 
 
 def load_module(relpath: str):
-    """A script of this repository (e.g. ``"scripts/prior_sample.py"``) imported as a module."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), relpath)
+    """A script of this repository (e.g. ``"scripts/prior_sample.py"``) imported as a module, registered in
+    ``sys.modules`` under its file name (dataclasses look their module up there, and worker processes
+    unpickle its functions through it)."""
+    path = os.path.join(REPO, relpath)
     name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
