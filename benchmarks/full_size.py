@@ -278,7 +278,7 @@ def create_argparser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model_path",
         type=str,
-        default=os.path.join(REPO_ROOT, "checkpoints", "demo", "ema_0.999_004018.pt"),
+        default=os.path.join(REPO_ROOT, "checkpoints", "demo", "ema_0.999_007000.pt"),
         help="diffusion checkpoint (config.json beside it), for the full run and --units",
     )
     return p

@@ -10,7 +10,7 @@ step ``t`` of ``--timesteps`` it draws ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) 
 base step 180 (docs/reconstruction.md); the smaller steps are the ones DDIM passes on its way down.
 
     python benchmarks/heldout_denoising.py \\
-        --model_paths logs/ft/ema_0.999_002321.pt,checkpoints/demo/ema_0.999_004018.pt
+        --model_paths logs/ft/ema_0.999_002321.pt,checkpoints/demo/ema_0.999_007000.pt
 
 Prints one line per checkpoint and writes one row per (checkpoint, folder) to ``--output_csv``.
 """

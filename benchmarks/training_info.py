@@ -7,18 +7,21 @@ Read from the checkpoint itself (parameter count), its ``config.json`` and its l
 from __future__ import annotations
 
 import csv
+import json
 import os
 from typing import Any, Dict
 
+WALL_TIME_FILE = "wall_time.json"
 WALL_TIME_COLUMNS = ("time_elapsed", "elapsed_s", "elapsed_sec", "wall_s", "wall_time", "time")
 
 
 def training_info(model_path: str) -> Dict[str, Any]:
     """Model and training facts from a checkpoint, its config.json and its log dir's progress.csv.
 
-    The wall time comes from a progress.csv column of elapsed seconds when the training log has one;
-    otherwise it is estimated from file times (config.json written at the start of the last (re)start,
-    the checkpoint at its end) and marked as such in ``wall_time_source``.
+    The wall time comes from a progress.csv column of elapsed seconds when the training log has one, else
+    from ``wall_time.json`` beside the checkpoint; otherwise it is estimated from file times (config.json
+    written at the start of the last (re)start, the checkpoint at its end) and marked as such in
+    ``wall_time_source``.
     """
     import torch
 
@@ -46,6 +49,12 @@ def training_info(model_path: str) -> Dict[str, Any]:
             ]
             if upto:
                 wall_hours, source = float(upto[-1][col]) / 3600.0, f"progress.csv column '{col}'"
+    # A checkpoint copied out of its log folder (or cloned: git sets the file times) keeps its wall time in
+    # wall_time.json, {"wall_hours": h, "note": "..."}, written from the training logs.
+    recorded = os.path.join(log_dir, WALL_TIME_FILE)
+    if wall_hours is None and os.path.isfile(recorded):
+        with open(recorded) as f:
+            wall_hours, source = float(json.load(f)["wall_hours"]), WALL_TIME_FILE
     cfg_file = os.path.join(log_dir, "config.json")
     if wall_hours is None and os.path.isfile(cfg_file):
         wall_hours = max(os.path.getmtime(model_path) - os.path.getmtime(cfg_file), 0.0) / 3600.0

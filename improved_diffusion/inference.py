@@ -27,7 +27,7 @@ from .unet import UNetModel
 # The committed demo model (README "Train" has the command that made it): the default everywhere, so the
 # quick start reconstructs the demo data without training first.
 DEMO_MODEL = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "demo", "ema_0.999_004018.pt"
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "demo", "ema_0.999_007000.pt"
 )
 
 

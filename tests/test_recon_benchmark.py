@@ -240,6 +240,13 @@ def test_training_info_from_checkpoint(tmp_path):
     assert info["model"]["params"] == 35 and info["training"]["steps"] == 120
     assert info["training"]["wall_hours"] == pytest.approx(0.02)
     assert "progress.csv" in info["training"]["wall_time_source"]
+    # without a time column the recorded wall_time.json wins over the file-time estimate
+    with open(log / "progress.csv", "w") as f:
+        f.write("step,loss\n60,1.0\n120,0.5\n")
+    (log / "wall_time.json").write_text('{"wall_hours": 4.6, "note": "from the logs"}')
+    info = training_info(str(log / "ema_0.999_000120.pt"))
+    assert info["training"]["wall_hours"] == 4.6
+    assert info["training"]["wall_time_source"] == "wall_time.json"
 
 
 def test_bad_arguments():

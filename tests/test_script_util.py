@@ -9,6 +9,7 @@ import torch
 from tiny import tiny_config
 
 from improved_diffusion import gaussian_diffusion as gd
+from improved_diffusion.inference import DEMO_MODEL
 from improved_diffusion.respace import SpacedDiffusion
 from improved_diffusion.script_util import (
     LEGACY_MODEL_OPTIONS,
@@ -275,7 +276,7 @@ def test_config_without_attention_token_budget_keeps_global_attention(tmp_path):
 def test_demo_checkpoint_loads_strictly_with_and_without_budget():
     demo = os.path.join(REPO_ROOT, "checkpoints", "demo")
     options = model_options_from_config(load_config(demo), demo)
-    state = torch.load(os.path.join(demo, "ema_0.999_004018.pt"), map_location="cpu", weights_only=True)
+    state = torch.load(DEMO_MODEL, map_location="cpu", weights_only=True)
     for budget in (options["attention_token_budget"], 4.0):
         model, _ = create_model_and_diffusion(**{**options, "attention_token_budget": budget})
         model.load_state_dict(state, strict=True)  # the rule adds no parameters or buffers

@@ -5,8 +5,8 @@
 #   .venv/bin/python datasets/make_demo_data.py --output_dir prior_data --kinds singlecoil \
 #       --contrasts t1,t2,pd,flair --orientations axial,coronal,sagittal --synth_volumes 2 --synth_holdout slab
 #   mkdir -p logs/ft && cp <stage-1 ema_0.999_002321.pt> logs/ft/model002321.pt && cp <same> logs/ft/ema_0.999_002321.pt
-# It was stopped with SIGTERM at step 4018 (a complete checkpoint set is saved); rerun with
-# --resume_checkpoint logs/ft to continue.
+# It was stopped with SIGTERM at step 4018 (a complete checkpoint set is saved) and resumed twice with
+# --resume_checkpoint logs/ft (to step 6116, then past step 7000); the committed EMA is that of step 7000.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OMP_NUM_THREADS=1 exec .venv/bin/python scripts/image_train.py \
