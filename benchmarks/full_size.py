@@ -278,6 +278,8 @@ def create_argparser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model_path",
         type=str,
+        # this repository's demo checkpoint (inference.DEMO_MODEL), spelled out: improved_diffusion may be
+        # imported from an older checkout under test, whose DEMO_MODEL is another file or absent
         default=os.path.join(REPO_ROOT, "checkpoints", "demo", "ema_0.999_007000.pt"),
         help="diffusion checkpoint (config.json beside it), for the full run and --units",
     )
