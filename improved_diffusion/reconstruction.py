@@ -32,6 +32,7 @@ from .data_consistency import CLIP_MODES, DC_MODES, DiffusionDataConsistency, Me
 from .mri.coils import prepare_slice
 from .mri.fftc import channels_to_complex, complex_to_channels
 from .mri.fov import resolve_fov_rows
+from .mri.sense import sensitivity_support
 from .transforms import scale_from_kspace
 
 SAMPLERS = ("ddim", "ancestral")
@@ -181,7 +182,8 @@ class ReconResult:
     the field of view when :attr:`ReconOptions.fov_rows` asks for it.
 
     Attributes:
-        mean: complex posterior mean ``(H, W)`` (coil-combined with the whitened coils' maps).
+        mean: complex posterior mean ``(H, W)`` (coil-combined with the whitened coils' maps; multi-coil: 0
+            outside the maps' support, where no coil sees the object).
         magnitude: ``|mean|`` as a root-sum-of-squares of the unwhitened coil images ``(H, W)`` (fastMRI's
             multi-coil target; ``|mean|`` for single-coil data).
         std: per-pixel standard deviation of the samples' magnitudes ``(H, W)``, same units (0 for K = 1).
@@ -437,6 +439,11 @@ def reconstruct_slice(
             x = draw(options.num_samples, options.seed)
     else:
         x = draw(options.num_samples, options.seed)
+    if not op.single_coil:
+        # Outside the maps' support no coil sees the object under the model: the data say nothing about x
+        # there and only the prior's guess is left (a haze on held-out DWI, half the squared error).
+        # SENSE and BART return 0 there, which is also the RSS target where no coil has signal.
+        x = x * sensitivity_support(op.maps)
     num_chunks = math.ceil(options.num_samples / batch)
     intensity = torch.from_numpy(data.intensity).to(device)
     mean = x.mean(dim=0)

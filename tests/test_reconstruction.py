@@ -208,3 +208,19 @@ def test_bad_options_and_inputs(tiny_model):
     with pytest.raises(ValueError, match="complex"):
         reconstruct_slice(kspace.abs(), mask, model, diffusion, maps=maps)
     assert np.isfinite(reconstruct_slice(kspace, mask, model, diffusion, maps=maps).residual)
+
+
+def test_multicoil_output_is_zero_outside_the_maps_support(tiny_model):
+    """Where no coil sees the object the data say nothing; the output is 0 there (as SENSE's), not the prior's
+    guess, and the samples are unchanged on the support."""
+    model, diffusion = tiny_model
+    x, _, mask, maps = _data(True)
+    yy, xx = np.mgrid[:H, :W]
+    inside = torch.from_numpy((yy - H / 2) ** 2 + (xx - W / 2) ** 2 < (H / 2.5) ** 2)
+    maps = maps * inside
+    kspace = mask * fft2c(maps * x)
+    opts = ReconOptions(num_samples=2, t0="1.0", cg_tol=1e-8, cg_iters=300)
+    out = reconstruct_slice(kspace, mask, model, diffusion, maps=maps, options=opts, noise_std=0.0)
+    for image in (out.mean, out.magnitude, out.std):
+        assert torch.all(image[~inside] == 0)
+    assert out.magnitude[inside].min() > 0 and out.std[inside].max() > 0
