@@ -57,6 +57,9 @@ OPTION_HELP = {
     "(JSENSE-style, mri/jsense.py); 0 = off",
     "num_virtual_coils": "SVD coil compression after prewhitening: > 0 that many virtual coils, 0 the fewest "
     "holding 99%% of the k-space energy but at least 8, -1 none",
+    "zero_outside_maps": "multi-coil: the output is 0 outside the maps' support, where no coil sees the "
+    "object (as SENSE); False keeps the prior's values there (e.g. to score against a noisy RSS target's "
+    "noise floor)",
 }
 
 
@@ -103,6 +106,9 @@ class ReconOptions:
         refine_maps: outer iterations of the joint map refinement on all measured data before sampling
             (:mod:`improved_diffusion.mri.jsense`; multi-coil only, estimated or stored maps alike); 0 = off,
             the default: on the held-out 8-coil data it changed nothing or lowered PSNR (docs/results.md).
+        zero_outside_maps: multi-coil: the samples are set to 0 outside the maps' support, where no coil sees
+            the object and the data say nothing (SENSE's and BART's convention); False keeps the prior's
+            values there (docs/reconstruction.md).
     """
 
     dc: str = "project"
@@ -125,6 +131,7 @@ class ReconOptions:
     fov_rows: int = 0
     num_virtual_coils: int = 0
     refine_maps: int = 0
+    zero_outside_maps: bool = True
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
@@ -439,7 +446,7 @@ def reconstruct_slice(
             x = draw(options.num_samples, options.seed)
     else:
         x = draw(options.num_samples, options.seed)
-    if not op.single_coil:
+    if options.zero_outside_maps and not op.single_coil:
         # Outside the maps' support no coil sees the object under the model: the data say nothing about x
         # there and only the prior's guess is left (a haze on held-out DWI, half the squared error).
         # SENSE and BART return 0 there, which is also the RSS target where no coil has signal.

@@ -98,6 +98,7 @@ def sample_defaults() -> Dict[str, Any]:
         fov_rows=recon.fov_rows,
         num_virtual_coils=recon.num_virtual_coils,
         refine_maps=recon.refine_maps,  # outer iterations of the joint map refinement; 0 = off
+        zero_outside_maps=recon.zero_outside_maps,
         # outputs
         overwrite=False,
         png=True,
@@ -191,6 +192,7 @@ def recon_options(args: argparse.Namespace) -> ReconOptions:
         fov_rows=args.fov_rows,
         num_virtual_coils=args.num_virtual_coils,
         refine_maps=args.refine_maps,
+        zero_outside_maps=args.zero_outside_maps,
     )
     options.validate()
     return options
@@ -266,6 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "fov_rows": options.fov_rows,
             "num_virtual_coils": options.num_virtual_coils,
             "refine_maps": options.refine_maps,
+            "zero_outside_maps": options.zero_outside_maps,
             # as asked (-1: automatic, see the flag's help)
             "adapt_steps": options.adapt_steps,
             "adapt_lr": options.adapt_lr,
