@@ -214,6 +214,12 @@ def load_results(results_dir: str) -> Results:
         if not isinstance(info, dict):
             raise ValueError(f"{res.paths['benchmark_info']}: expected a JSON object")
         _flatten("", info, res.values)
+        run = info.get("run", {})
+        start = run.get("start_step", -1) if isinstance(run, dict) else -1
+        # A run names its start by --start_step or by --t0; the text gives whichever it used.
+        res.values["run.start"] = (
+            f"base step {start}" if isinstance(start, int) and start >= 0 else f"t₀ = {run.get('t0', '')}"
+        )
     if "train_speed" not in res.missing:
         res.train_speed_rows = read_csv_rows(res.paths["train_speed"], ["name", "sec_per_step"])
         for row in res.train_speed_rows:
