@@ -28,7 +28,14 @@ import numpy as np
 import torch
 
 from .adaptation import ADAPT_PARAMS, adapted_prior
-from .data_consistency import CLIP_MODES, DC_MODES, DiffusionDataConsistency, MeasurementOperator
+from .data_consistency import (
+    CG_ITERS,
+    CG_TOL,
+    CLIP_MODES,
+    DC_MODES,
+    DiffusionDataConsistency,
+    MeasurementOperator,
+)
 from .mri.coils import prepare_slice
 from .mri.fftc import channels_to_complex, complex_to_channels
 from .mri.fov import resolve_fov_rows
@@ -118,8 +125,8 @@ class ReconOptions:
     num_samples: int = 4
     batch_size: int = 0
     prior_scale: float = 0.7
-    cg_tol: float = 1e-3
-    cg_iters: int = 100
+    cg_tol: float = CG_TOL
+    cg_iters: int = CG_ITERS
     final_dc: bool = True
     clip: str = "magnitude"
     clip_value: float = 1.0
