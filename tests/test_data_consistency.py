@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from improved_diffusion.data_consistency import (
+    CG_ITERS,
+    CG_TOL,
     FINAL_LOG10_LAMBDA_MIN,
     DiffusionDataConsistency,
     MeasurementOperator,
@@ -101,6 +103,18 @@ def test_noise_weighted_prox_matches_dense_solve(multicoil):
         want = torch.linalg.solve(normal, rhs).reshape(op.image_shape)
         got = prox_data(x_hat[b : b + 1], op, lam, tol=1e-6, max_iters=500)[0]
         assert torch.allclose(got.to(torch.complex128), want, atol=1e-4), (got - want).abs().max()
+
+
+def test_default_multicoil_prox_is_converged():
+    """The default CG stopping rule solves the proximal step, not an early-stopped version of it: 10x more
+    iterations and a 10x tighter tolerance move the solution by < 1e-3 of its norm (the old rule, 1e-3 and 100
+    iterations, moved it by 3e-3 here)."""
+    op, x_true, gen = _problem(True, h=32, w=29)
+    x_hat = x_true + 0.3 * _crandn(1, *op.image_shape, gen=gen)
+    lam = 1e-2
+    default = prox_data(x_hat, op, lam)
+    tighter = prox_data(x_hat, op, lam, tol=CG_TOL / 10, max_iters=10 * CG_ITERS)
+    assert (default - tighter).norm() < 1e-3 * tighter.norm()
 
 
 def test_prior_weight_follows_the_step_noise_level():
